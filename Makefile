@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create or reuse
+# .venv and install what they need; the system packages (Java for the coco-caption
+# scorer, Chromium for the browser test) come from Debian through apt-get.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# Re-install when pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install java chromium system-deps bench clean
+
+demo: $(STAMP)
+	$(VENV)/bin/captioner caption examples/ --format txt
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+system-deps: java chromium
+
+java:
+	@command -v java >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq default-jre-headless >/dev/null; }
+
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+bench: $(STAMP)
+	$(PY) benchmarks/caption_folder.py
+	$(PY) benchmarks/serve.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

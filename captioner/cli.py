@@ -1,0 +1,215 @@
+"""`captioner` command line: caption, train, evaluate, serve."""
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+OUTPUT_FORMATS = ("jsonl", "csv", "txt")
+
+
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+
+
+@click.group()
+@click.version_option(package_name="captioner")
+def main():
+    """Caption images with a CNN + LSTM model (Show and Tell)."""
+
+
+class RecordWriter:
+    """Writes one record per input file as soon as it is known (nothing is lost if a long
+    run is interrupted)."""
+
+    def __init__(self, stream, fmt):
+        self.stream, self.fmt = stream, fmt
+        if fmt == "csv":
+            self.csv = csv.writer(stream)
+            self.csv.writerow(["path", "caption", "score", "error"])
+
+    def write(self, record):
+        if self.fmt == "jsonl":
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            self.csv.writerow([record["path"], record.get("caption", ""), record.get("score", ""),
+                               record.get("error", "")])
+        else:
+            text = record["caption"] if "caption" in record else f"ERROR: {record['error']}"
+            self.stream.write(f"{record['path']}\t{text}\n")
+        self.stream.flush()
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--recursive", "-r", is_flag=True, help="Also caption images in sub-folders.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write records to this file instead of standard output.")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
+              help="Record format (default: from --output's extension, else jsonl).")
+@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 10))
+@click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 10),
+              help="Also list this many candidates per image (jsonl only shows them).")
+@click.option("--max-length", default=20, show_default=True, type=click.IntRange(1, 100))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--workers", default=None, type=click.IntRange(0, 64),
+              help="Image-decoding worker processes (default: up to 4).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--weights", type=click.Path(exists=True, path_type=Path),
+              help="Checkpoint to use (default: the shipped weights/).")
+def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_size, workers, device, weights):
+    """Caption image files and folders. One record per file: {"path", "caption", "score"}
+    or {"path", "error"}. Exit status 0 if every file was captioned, 1 if some failed."""
+    from tqdm import tqdm
+
+    from .checkpoint import CheckpointError
+    from .images import find_images, image_loader
+    from .inference import Captioner
+
+    if n_best > beam_size:
+        raise click.BadParameter("must not exceed --beam-size", param_hint="--n-best")
+    if fmt is None:
+        suffix = output.suffix.lower().lstrip(".") if output else ""
+        fmt = suffix if suffix in OUTPUT_FORMATS else "jsonl"
+    files = find_images(paths, recursive)
+    if not files:
+        raise click.UsageError("no image files found (extensions: jpg jpeg png gif bmp webp tif tiff; "
+                               "use --recursive for sub-folders)")
+    try:
+        captioner = Captioner.from_pretrained(weights, device=device)
+    except (CheckpointError, ValueError) as e:
+        raise click.ClickException(str(e))
+    stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    writer = RecordWriter(stream, fmt)
+    failures = 0
+    try:
+        with tqdm(total=len(files), desc="captioning", unit="img", file=sys.stderr) as bar:
+            for idx, pixels, errors in image_loader(files, batch_size, workers):
+                results = dict(zip(idx, captioner.caption_pixels(pixels, beam_size, n_best, max_length))) \
+                    if pixels is not None else {}
+                for i in sorted(set(idx) | set(errors)):
+                    if i in errors:
+                        failures += 1
+                        writer.write({"path": str(files[i]), "error": errors[i]})
+                    else:
+                        r = results[i]
+                        record = {"path": str(files[i]), "caption": r["caption"], "score": r["score"]}
+                        if n_best > 1 and fmt == "jsonl":
+                            record["alternatives"] = r["alternatives"]
+                        writer.write(record)
+                bar.update(len(idx) + len(errors))
+    finally:
+        if output:
+            stream.close()
+    if failures:
+        click.echo(f"{failures} of {len(files)} files could not be captioned", err=True)
+    sys.exit(1 if failures else 0)
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Dataset: a Flickr8k folder, Karpathy or COCO json, CSV/JSONL (image,caption), "
+                   "or a folder of images with .txt captions.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder"]))
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Image folder, where the layout does not fix it (default: beside the data file).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=4e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--encoder-lr", default=1e-5, show_default=True, type=click.FloatRange(0),
+              help="Learning rate of the encoder with --fine-tune-encoder.")
+@click.option("--embed-dim", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--hidden-dim", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--num-layers", default=1, show_default=True, type=click.IntRange(1, 8))
+@click.option("--cell", default="lstm", show_default=True, type=click.Choice(["lstm", "gru", "rnn"]))
+@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--min-word-count", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--max-caption-length", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 10),
+              help="Beam size of the validation captions.")
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(1),
+              help="Stop after this many epochs without a better validation score.")
+@click.option("--select-metric", default="CIDEr", show_default=True, type=click.Choice(["CIDEr", "BLEU-4"]))
+@click.option("--clip-grad", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of images held out for validation when the data has no split.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", default=None, type=click.IntRange(0, 64), help="Image-decoding worker processes.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
+@click.option("--fine-tune-encoder", is_flag=True, help="Train the CNN too (slow on a CPU).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where image features are cached (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
+def train(data, fmt, images, out, epochs, batch_size, lr, encoder_lr, embed_dim, hidden_dim, num_layers,
+          cell, dropout, label_smoothing, min_word_count, max_caption_length, beam_size, patience,
+          select_metric, clip_grad, val_fraction, seed, device, workers, amp, fine_tune_encoder, resume,
+          cache_dir):
+    """Train a captioner; the best checkpoint is OUT/best.safetensors."""
+    from .data import DataError
+    from .train import DEFAULT_CACHE_DIR, train as run_training
+
+    _setup_logging()
+    try:
+        summary = run_training(
+            data, out, format=fmt, images=images, epochs=epochs, batch_size=batch_size, lr=lr,
+            encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
+            cell=cell, dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
+            max_caption_length=max_caption_length, beam_size=beam_size, patience=patience,
+            select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed,
+            device=device, num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder,
+            resume=resume, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"best val {summary['metric']} {summary['best']:.4f}; model: {out / 'best.safetensors'}")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
+              help="Checkpoint to score (default: the shipped weights/).")
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder"]))
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "dev", "test"]))
+@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 10))
+@click.option("--max-length", default=20, show_default=True, type=click.IntRange(1, 100))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", default=None, type=click.IntRange(0, 64))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file for the scores and every caption (default: scores-SPLIT.json beside the checkpoint).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+def evaluate(checkpoint, data, fmt, images, split, beam_size, max_length, batch_size, device, workers, output,
+             val_fraction, seed):
+    """Score a checkpoint with the coco-caption metrics on one split of a dataset."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .evaluate import evaluate_checkpoint
+    from .inference import DEFAULT_WEIGHTS
+
+    _setup_logging()
+    checkpoint = checkpoint or DEFAULT_WEIGHTS
+    output = output or Path(checkpoint).with_name(f"scores-{split}.json")
+    try:
+        report = evaluate_checkpoint(checkpoint, data, split, fmt=fmt, images=images, beam_size=beam_size,
+                                     max_length=max_length, batch_size=batch_size, device=device,
+                                     num_workers=workers, val_fraction=val_fraction, seed=seed)
+    except (CheckpointError, DataError, ValueError) as e:
+        raise click.ClickException(str(e))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    click.echo(f"{report['images']} images, split {split}, beam {beam_size}, tokenizer {report['scores']['tokenizer']}")
+    if report["scores"]["tokenizer"] != "ptb":
+        click.echo("note: Java not found, so METEOR is missing and the PTB tokenizer was replaced by a "
+                   "simple one; install a Java runtime (make java) for the standard scores", err=True)
+    for name, value in report["scores"].items():
+        if name != "tokenizer":
+            click.echo(f"{name:8s} {value:.4f}")
+    click.echo(f"captions and scores written to {output}")

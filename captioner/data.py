@@ -1,0 +1,262 @@
+"""Dataset readers. Every layout becomes the same list of `Record(image, captions, split)`,
+with split one of "train", "val", "test" (Flickr8k's "dev" is "val").
+
+Layouts: Flickr8k as released, Karpathy json, COCO captions json, CSV or JSONL with
+`image,caption` rows, and a folder of images with a same-named .txt of captions beside each.
+"""
+import csv
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+FORMATS = ("auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder")
+SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val",
+               "validation": "val", "test": "test"}
+
+
+class DataError(ValueError):
+    """The dataset cannot be read; the message names the file (and line) at fault."""
+
+
+@dataclass
+class Record:
+    image: Path
+    captions: list = field(default_factory=list)
+    split: str = ""
+
+
+def normalise_split(name):
+    key = (name or "").strip().lower()
+    if key not in SPLIT_NAMES:
+        raise DataError(f"unknown split {name!r}: use train, val (or dev) or test")
+    return SPLIT_NAMES[key]
+
+
+def detect_format(path):
+    path = Path(path)
+    if path.is_dir():
+        if (path / "Flickr8k.token.txt").is_file():
+            return "flickr8k"
+        if any(path.glob("dataset_*.json")):
+            return "karpathy"
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not valid JSON: {e}") from None
+        if isinstance(data, dict) and "annotations" in data:
+            return "coco"
+        if isinstance(data, dict) and "images" in data:
+            return "karpathy"
+        raise DataError(f"{path}: JSON is neither Karpathy (images[].sentences) nor COCO (images + annotations)")
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
+    raise DataError(f"{path}: cannot tell the dataset format; pass --format")
+
+
+def read_dataset(path, format="auto", images=None, val_fraction=0.1, seed=0):
+    """Read any supported layout. `images` is the image folder where the layout does not
+    fix it. Records whose image file is missing are dropped and counted in the log.
+    A set with no split gets a seeded random train/val split."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt not in FORMATS[1:]:
+        raise DataError(f"unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
+    images = Path(images) if images else None
+    reader = {"flickr8k": read_flickr8k, "karpathy": read_karpathy, "coco": read_coco,
+              "csv": read_csv, "jsonl": read_jsonl, "folder": read_folder}[fmt]
+    records = reader(path, images) if fmt != "folder" else reader(path)
+    records = _drop_missing_images(records, path)
+    if not records:
+        raise DataError(f"{path}: the dataset is empty (no image with a caption)")
+    if not any(r.split for r in records):
+        assign_random_split(records, val_fraction, seed)
+    return records
+
+
+def _drop_missing_images(records, source):
+    kept = [r for r in records if r.image.is_file()]
+    missing = len(records) - len(kept)
+    if missing:
+        example = next(r.image for r in records if not r.image.is_file())
+        log.warning("%s: skipped %d captioned images whose file is missing (e.g. %s)", source, missing, example)
+    return kept
+
+
+def assign_random_split(records, val_fraction=0.1, seed=0):
+    """Seeded split by image: about `val_fraction` of images to val (at least one when
+    there are two or more), the rest to train."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(records) * val_fraction)) if len(records) > 1 else 0
+    for rank, i in enumerate(order):
+        records[i].split = "val" if rank < n_val else "train"
+    return records
+
+
+def _group(pairs, split_of=lambda image: ""):
+    """(image path, caption) pairs -> Records, keeping first-seen order."""
+    captions = defaultdict(list)
+    for image, caption in pairs:
+        captions[image].append(caption)
+    return [Record(image, caps, split_of(image)) for image, caps in captions.items()]
+
+
+def read_flickr8k(root, images=None):
+    root = Path(root)
+    images = images or root / "images"
+    if not images.is_dir() and (root / "Flicker8k_Dataset").is_dir():
+        images = root / "Flicker8k_Dataset"
+    token_file = root / "Flickr8k.token.txt"
+    split_of = {}
+    for split, name in (("train", "trainImages"), ("val", "devImages"), ("test", "testImages")):
+        split_file = root / f"Flickr_8k.{name}.txt"
+        if split_file.is_file():
+            for line in split_file.read_text().split():
+                split_of[line.strip()] = split
+    pairs = []
+    with open(token_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            key, sep, caption = line.partition("\t")
+            name, hash_, _ = key.partition("#")
+            if not sep or not hash_:
+                raise DataError(f"{token_file}:{lineno}: expected 'IMAGE#N<TAB>caption'")
+            if caption.strip():
+                pairs.append((name, caption.strip()))
+    records = _group(pairs)
+    for r in records:
+        r.split = split_of.get(r.image, "")
+        r.image = images / r.image
+    return records  # images in no official split (91 in Flickr8k) keep split "" and go unused
+
+
+def _load_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+
+
+def _default_image_root(json_path):
+    folder = Path(json_path).parent
+    return folder / "images" if (folder / "images").is_dir() else folder
+
+
+def read_karpathy(path, images=None):
+    path = Path(path)
+    if path.is_dir():
+        path = sorted(path.glob("dataset_*.json"))[0]
+    images = images or _default_image_root(path)
+    data = _load_json(path)
+    records = []
+    for i, item in enumerate(data.get("images", [])):
+        try:
+            filename = Path(item.get("filepath", "")) / item["filename"]
+            captions = [s["raw"].strip() for s in item["sentences"] if s.get("raw", "").strip()]
+            split = normalise_split(item.get("split", "train"))
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{path}: images[{i}] lacks {e} (need filename, split, sentences[].raw)") from None
+        if captions:
+            records.append(Record(images / filename, captions, split))
+    return records
+
+
+def read_coco(path, images=None):
+    """COCO captions json (images + annotations). All images go to one split, guessed from
+    the file name (captions_val2014.json -> val), train otherwise."""
+    path = Path(path)
+    images = images or _default_image_root(path)
+    data = _load_json(path)
+    try:
+        files = {img["id"]: img["file_name"] for img in data["images"]}
+        pairs = [(files[a["image_id"]], a["caption"].strip()) for a in data["annotations"] if a["caption"].strip()]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: not COCO captions layout (missing {e})") from None
+    name = path.name.lower()
+    split = "val" if "val" in name else "test" if "test" in name else "train"
+    records = _group(pairs)
+    for r in records:
+        r.image, r.split = images / r.image, split
+    return records
+
+
+def _rows_to_records(rows, path, images):
+    """rows: (line number, dict) with keys image, caption and optional split."""
+    pairs, splits = [], {}
+    for lineno, row in rows:
+        image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+        if not image:
+            raise DataError(f"{path}:{lineno}: empty image name")
+        if not caption:
+            raise DataError(f"{path}:{lineno}: empty caption for {image}")
+        pairs.append((image, caption))
+        if row.get("split"):
+            splits[image] = normalise_split(row["split"])
+    records = _group(pairs, lambda image: splits.get(image, ""))
+    if splits and len(splits) < len(records):
+        raise DataError(f"{path}: some rows have a split and others not; give every image a split or none")
+    for r in records:
+        r.image = images / r.image
+    return records
+
+
+def read_csv(path, images=None):
+    path = Path(path)
+    images = images or path.parent
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"image", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}; the header must have image,caption")
+        rows = [(i, row) for i, row in enumerate(reader, 2)]
+    return _rows_to_records(rows, path, images)
+
+
+def read_jsonl(path, images=None):
+    path = Path(path)
+    images = images or path.parent
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {e}") from None
+            if not isinstance(row, dict) or not {"image", "caption"} <= row.keys():
+                raise DataError(f"{path}:{lineno}: each line needs \"image\" and \"caption\"")
+            rows.append((lineno, row))
+    return _rows_to_records(rows, path, images)
+
+
+def read_folder(folder):
+    """Images with a caption file beside each (photo.jpg + photo.txt, one caption a line)."""
+    folder = Path(folder)
+    records = []
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        txt = image.with_suffix(".txt")
+        if not txt.is_file():
+            continue
+        captions = [line.strip() for line in txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not captions:
+            raise DataError(f"{txt}: empty caption file")
+        records.append(Record(image, captions))
+    return records

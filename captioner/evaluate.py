@@ -1,0 +1,39 @@
+"""`captioner evaluate`: caption one split of a dataset and score it with coco-caption."""
+import time
+
+from .data import normalise_split, read_dataset
+from .images import image_loader
+from .inference import Captioner
+from .metrics import score_captions
+
+
+def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None, beam_size=3, max_length=20,
+                        batch_size=64, device="auto", num_workers=None, val_fraction=0.1, seed=0):
+    """-> {"checkpoint", "data", "split", "beam_size", "images", "scores", "captions"}.
+    Unreadable images are reported, not scored."""
+    from tqdm import tqdm
+
+    split = normalise_split(split)
+    captioner = Captioner.from_pretrained(checkpoint, device=device)
+    records = [r for r in read_dataset(data, fmt, images, val_fraction=val_fraction, seed=seed) if r.split == split]
+    if not records:
+        raise ValueError(f"{data}: no images in split {split!r}")
+    predictions, failed = {}, {}
+    t0 = time.time()
+    paths = [r.image for r in records]
+    with tqdm(total=len(records), desc=f"captioning {split}", unit="img") as bar:
+        for idx, pixels, errors in image_loader(paths, batch_size, num_workers):
+            failed.update({str(paths[i]): e for i, e in errors.items()})
+            if pixels is not None:
+                for i, result in zip(idx, captioner.caption_pixels(pixels, beam_size, 1, max_length)):
+                    predictions[str(paths[i])] = result["caption"]
+            bar.update(len(idx) + len(errors))
+    elapsed = time.time() - t0
+    references = {str(r.image): r.captions for r in records if str(r.image) in predictions}
+    scores = score_captions(predictions, references)
+    return {
+        "checkpoint": str(checkpoint), "data": str(data), "split": split, "beam_size": beam_size,
+        "images": len(predictions), "failed": failed, "caption_seconds": round(elapsed, 1),
+        "scores": scores,
+        "captions": [{"image": k, "caption": v, "references": references[k]} for k, v in predictions.items()],
+    }

@@ -1,0 +1,162 @@
+"""Reading images safely and turning them into encoder input.
+
+`load_image` is the one place that opens user images (CLI, server, training), so every
+way in handles the same odd files the same way; `preprocess` is the one transform used
+for inference and feature caching.
+"""
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .encoder import IMAGE_SIZE, MEAN, STD
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+# Refuse images above this many pixels before decoding them: a 30000x30000 PNG can be a
+# few hundred KB on disk and 2.7 GB in memory. 100 MP still admits any camera photo.
+MAX_PIXELS = 100_000_000
+# Pillow's own bomb guard stays as a second line of defence.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """The input is not an image we can caption; the message says why."""
+
+
+def load_image(source, max_pixels=MAX_PIXELS):
+    """Open `source` (path, bytes, binary file object or PIL image) as an 8-bit RGB image.
+
+    Applies the EXIF orientation, takes the first frame of animations, composites
+    transparency on white, scales 16-bit and float images down to 8 bits, and reads big
+    JPEGs at reduced scale (they are shrunk to 224 pixels anyway). Raises ImageError.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageError("empty file")
+            source = io.BytesIO(source)
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.is_file():
+                raise ImageError(f"no such file: {path}")
+            if path.stat().st_size == 0:
+                raise ImageError("empty file")
+        try:
+            img = Image.open(source)
+        except UnidentifiedImageError:
+            raise ImageError("not an image (unknown or unsupported format)") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(f"cannot open image: {e}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} pixels (limit {max_pixels:,})")
+    if width == 0 or height == 0:
+        raise ImageError("image has no pixels")
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            # DCT-domain downscaling: decodes a 12 MP photo several times faster.
+            img.draft(img.mode, (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as e:  # truncated data, corrupt chunks, decoder errors of every kind
+        raise ImageError(f"cannot decode image: {e}") from None
+
+
+def _to_rgb(img):
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        # 16-bit and float images: Pillow's convert("L") clips at 255, so scale instead.
+        arr = np.asarray(img, dtype=np.float32)
+        peak = float(arr.max()) if arr.size else 0.0
+        if peak <= 1.0:
+            arr = arr * 255.0
+        elif peak > 255.0:
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode in ("RGB", "L") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+# The Flickr8k photos we train on are stored squashed to 224x224, so inference squashes
+# too (no crop): the encoder sees every photo the way it saw the training photos.
+preprocess = T.Compose([
+    T.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True),
+    T.PILToTensor(),
+    T.ToDtype(torch.float32, scale=True),
+    T.Normalize(MEAN, STD),
+])
+
+# Train-time augmentation, used only when the encoder is fine-tuned.
+train_transform = T.Compose([
+    T.RandomResizedCrop(IMAGE_SIZE, scale=(0.75, 1.0), ratio=(0.8, 1.25), antialias=True),
+    T.RandomHorizontalFlip(),
+    T.ColorJitter(0.2, 0.2, 0.2),
+    T.PILToTensor(),
+    T.ToDtype(torch.float32, scale=True),
+    T.Normalize(MEAN, STD),
+])
+
+
+def find_images(paths, recursive=False):
+    """Expand files and folders into a sorted list of image files. A file named
+    explicitly is kept whatever its extension (it gets an error record if it is no image)."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            walker = p.rglob("*") if recursive else p.iterdir()
+            found.extend(sorted(f for f in walker if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            found.append(p)
+    return found
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as (index, tensor or None, error or None), for a DataLoader whose
+    workers decode images while the model works on the previous batch."""
+
+    def __init__(self, paths, transform=preprocess):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.transform(load_image(self.paths[i])), None
+        except ImageError as e:
+            return i, None, str(e)
+
+
+def collate_images(items):
+    """-> (indices of good images, stacked tensor or None, {index: error})."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    errors = {i: err for i, x, err in items if x is None}
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, errors
+
+
+def image_loader(paths, batch_size=32, num_workers=None, transform=preprocess):
+    """Batches of decoded images, in order, decoded by worker processes."""
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(
+        ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+    )

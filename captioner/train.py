@@ -1,0 +1,359 @@
+"""Training: `captioner train`. Shaped like torchvision's reference scripts: a
+train_one_epoch, an evaluate, and a main loop that checkpoints, resumes and logs.
+
+Recipe: teacher forcing with cross-entropy that ignores padding (with label smoothing),
+Adam, gradient-norm clipping, cosine learning-rate decay, and early stopping on the
+validation CIDEr of beam-decoded captions. With the encoder frozen (the default), image
+features are computed once and cached on disk, so an epoch on a CPU is a decoder-only
+pass; --fine-tune-encoder runs images through the encoder at every step instead.
+"""
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .data import read_dataset
+from .encoder import ENCODER_NAME
+from .images import ImageError, image_loader, load_image, preprocess, train_transform
+from .inference import decode_features, resolve_device
+from .metrics import score_captions
+from .model import CaptionModel, ModelConfig
+from .vocab import PAD_ID, Vocabulary
+
+log = logging.getLogger(__name__)
+# Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
+FEATURE_CACHE_VERSION = f"{ENCODER_NAME}-squash224-v1"
+DEFAULT_CACHE_DIR = Path(os.environ.get("CAPTIONER_CACHE", Path.home() / ".cache" / "captioner"))
+
+
+# ---------------------------------------------------------------- image features
+
+def _cache_key(path):
+    stat = Path(path).stat()
+    raw = f"{FEATURE_CACHE_VERSION}|{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+@torch.inference_mode()
+def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=64, num_workers=None):
+    """Pooled encoder features for `paths`, computed once and cached on disk, keyed by
+    image file (path, size, mtime) and encoder version. -> (features (N, D) float32 with
+    zeros where the image failed, list of bool ok)."""
+    cache_file = Path(cache_dir) / f"features-{FEATURE_CACHE_VERSION}.safetensors"
+    cache = load_file(str(cache_file)) if cache_file.is_file() else {}
+    keys = [_cache_key(p) for p in paths]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    failed = {}
+    if todo:
+        log.info("encoding %d images (%d already cached in %s)", len(todo), len(paths) - len(todo), cache_file)
+        model.encoder.to(device).eval()
+        loader = image_loader([paths[i] for i in todo], batch_size=batch_size, num_workers=num_workers)
+        since_save = 0
+        for idx, pixels, errors in tqdm(loader, desc="encoding images", unit="batch"):
+            for j, err in errors.items():
+                failed[todo[j]] = err
+            if pixels is not None:
+                feats = model.encode_images(pixels.to(device)).float().cpu()
+                for j, f in zip(idx, feats):
+                    cache[keys[todo[j]]] = f.clone()
+                since_save += len(idx)
+            if since_save >= 2000:  # an interrupted run keeps what it computed
+                _save_cache(cache, cache_file)
+                since_save = 0
+        _save_cache(cache, cache_file)
+    if failed:
+        example = next(iter(failed.items()))
+        log.warning("skipped %d unreadable images (e.g. %s: %s)", len(failed), paths[example[0]], example[1])
+    dim = model.config.feature_dim
+    features = torch.stack([cache.get(k, torch.zeros(dim)) for k in keys])
+    return features, [k in cache for k in keys]
+
+
+def _save_cache(cache, cache_file):
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(cache_file.name + ".tmp")
+    save_file(cache, str(tmp))
+    tmp.replace(cache_file)
+
+
+# ---------------------------------------------------------------- batches
+
+def encode_captions(records, vocab, max_length):
+    """-> (image index per caption, padded (N, max_length+2) token tensor)."""
+    image_idx, rows = [], []
+    for i, r in enumerate(records):
+        for c in r.captions:
+            ids = vocab.encode(c, max_length)
+            if len(ids) > 2:  # a caption with no word is no training signal
+                image_idx.append(i)
+                rows.append(ids)
+    tokens = torch.full((len(rows), max_length + 2), PAD_ID, dtype=torch.long)
+    for j, ids in enumerate(rows):
+        tokens[j, :len(ids)] = torch.tensor(ids)
+    return torch.tensor(image_idx, dtype=torch.long), tokens
+
+
+def caption_loss(logits, targets, label_smoothing=0.0):
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=PAD_ID, label_smoothing=label_smoothing)
+
+
+class PairsWithImages(torch.utils.data.Dataset):
+    """(augmented pixels, caption tokens) pairs, for training with the encoder in the loop."""
+
+    def __init__(self, paths, image_idx, tokens):
+        self.paths, self.image_idx, self.tokens = paths, image_idx, tokens
+
+    def __len__(self):
+        return len(self.image_idx)
+
+    def __getitem__(self, j):
+        try:
+            pixels = train_transform(load_image(self.paths[self.image_idx[j]]))
+        except ImageError:
+            return None  # dropped by the collate function; counted in the epoch log
+        return pixels, self.tokens[j]
+
+
+def _collate_pairs(items):
+    good = [x for x in items if x is not None]
+    if not good:
+        return None, None, len(items)
+    return torch.stack([p for p, _ in good]), torch.stack([t for _, t in good]), len(items) - len(good)
+
+
+# ---------------------------------------------------------------- one epoch, evaluation
+
+def _autocast(device, amp):
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothing, amp, scaler, desc):
+    model.train()
+    if not model.encoder_tuned:
+        model.encoder.eval()
+    else:
+        # Small batches make BatchNorm statistics noisy: keep the pretrained ones.
+        for m in model.encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    total, count, skipped, images = 0.0, 0, 0, 0
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
+    for inputs, tokens, n_skipped in bar:
+        skipped += n_skipped
+        if inputs is None:
+            continue
+        inputs, tokens = inputs.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        length = int((tokens != PAD_ID).sum(1).max())
+        tokens = tokens[:, :length]
+        with _autocast(device, amp):
+            features = model.encode_images(inputs) if model.encoder_tuned else inputs
+            logits = model.decoder(features, tokens[:, :-1])
+            loss = caption_loss(logits.float(), tokens[:, 1:], label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(tokens)
+        count += len(tokens)
+        images += len(tokens)
+        bar.set_postfix(loss=f"{total / count:.3f}")
+    return total / max(count, 1), images, skipped
+
+
+@torch.inference_mode()
+def evaluate_features(model, vocab, features, records, beam_size, max_length, use_java=False, batch_size=250):
+    """Beam-decode every image of `records` from its features and score against all its
+    references. -> (scores dict, {image path: caption})."""
+    model.eval()
+    predictions = {}
+    for start in range(0, len(records), batch_size):
+        chunk = features[start:start + batch_size]
+        for r, result in zip(records[start:start + batch_size],
+                             decode_features(model, vocab, chunk, beam_size, 1, max_length)):
+            predictions[str(r.image)] = result["caption"]
+    references = {str(r.image): r.captions for r in records}
+    return score_captions(predictions, references, use_java=use_java, cider_only=not use_java), predictions
+
+
+# ---------------------------------------------------------------- main loop
+
+def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e-4, encoder_lr=1e-5,
+          embed_dim=512, hidden_dim=512, num_layers=1, cell="lstm", dropout=0.5, min_word_count=5,
+          max_caption_length=20, beam_size=3, seed=0, device="auto", fine_tune_encoder=False,
+          resume=False, patience=5, clip_grad=5.0, label_smoothing=0.1, num_workers=None,
+          cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr"):
+    """Train a captioner on `data` and write best.safetensors, last.safetensors,
+    train_state.pt, metrics.jsonl and curves.png to `out`. Returns a summary dict."""
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    state_file = out / "train_state.pt"
+    if resume and not state_file.is_file():
+        raise FileNotFoundError(f"--resume: no {state_file} to resume from")
+    state = torch.load(state_file, map_location="cpu", weights_only=True) if resume else None
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    records = read_dataset(data, format, images, val_fraction=val_fraction, seed=seed)
+    train_set = [r for r in records if r.split == "train"]
+    val_set = [r for r in records if r.split == "val"]
+    if not train_set:
+        raise ValueError(f"{data}: no training images")
+    if not val_set:
+        raise ValueError(f"{data}: no validation images (need a val/dev split, or two or more images)")
+    vocab = Vocabulary.from_json(state["vocab"]) if state else \
+        Vocabulary.build((c for r in train_set for c in r.captions), min_word_count)
+    log.info("%d train and %d val images, vocabulary of %d words", len(train_set), len(val_set), len(vocab))
+    config = ModelConfig(**json.loads(state["model_config"])) if state else ModelConfig(
+        vocab_size=len(vocab), embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
+        cell=cell, dropout=dropout)
+    model = CaptionModel(config).to(device)
+    model.encoder_tuned = fine_tune_encoder
+    model.encoder.requires_grad_(fine_tune_encoder)
+
+    train_idx, train_tokens = encode_captions(train_set, vocab, max_caption_length)
+    train_paths = [r.image for r in train_set]
+    if fine_tune_encoder:
+        pairs = PairsWithImages(train_paths, train_idx.tolist(), train_tokens)
+        workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        make_batches = lambda: torch.utils.data.DataLoader(  # noqa: E731
+            pairs, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=_collate_pairs,
+            pin_memory=device.type == "cuda", drop_last=False)
+        val_features_fn = lambda: compute_val_features(model, val_set, device, num_workers)  # noqa: E731
+    else:
+        train_features, ok = compute_features(model, train_paths, device, cache_dir, num_workers=num_workers)
+        keep = torch.tensor(ok)[train_idx]
+        train_idx, train_tokens = train_idx[keep], train_tokens[keep]
+        val_features, val_ok = compute_features(model, [r.image for r in val_set], device, cache_dir,
+                                                num_workers=num_workers)
+        val_set = [r for r, good in zip(val_set, val_ok) if good]
+        val_features = val_features[torch.tensor(val_ok)]
+        train_features = train_features.to(device)
+
+        def make_batches():
+            order = torch.randperm(len(train_idx))
+            for s in range(0, len(order), batch_size):
+                j = order[s:s + batch_size]
+                yield train_features[train_idx[j].to(device)], train_tokens[j], 0
+        val_features_fn = lambda: val_features  # noqa: E731
+    if len(train_idx) == 0:
+        raise ValueError(f"{data}: no usable training captions")
+
+    decoder_params = list(model.decoder.parameters())
+    groups = [{"params": decoder_params, "lr": lr}]
+    if fine_tune_encoder:
+        groups.append({"params": list(model.encoder.parameters()), "lr": encoder_lr})
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=lr * 0.05)
+    # bf16 autocast needs no loss scaling; the scaler is a no-op unless fp16 is used.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    start_epoch, best, bad_epochs = 0, -math.inf, 0
+    if state:
+        model.decoder.load_state_dict(state["decoder"])
+        if fine_tune_encoder and "encoder" in state:
+            model.encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_tuple_state(state["python_rng"]))
+        log.info("resumed from %s at epoch %d (best %s %.4f)", state_file, start_epoch + 1, select_metric, best)
+
+    info = {"name": out.name, "data": str(data), "train_images": len(train_set), "train_args": args}
+    metrics_file = out / "metrics.jsonl"
+    if not resume and metrics_file.exists():
+        metrics_file.unlink()
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        loss, n_captions, skipped = train_one_epoch(
+            model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,
+            desc=f"epoch {epoch + 1}/{epochs}")
+        train_time = time.time() - t0
+        scores, _ = evaluate_features(model, vocab, val_features_fn(), val_set, beam_size, max_caption_length)
+        current_lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "lr": current_lr,
+               "train_time_s": round(train_time, 1), "captions_per_s": round(n_captions / train_time, 1),
+               "epoch_time_s": round(time.time() - t0, 1), "skipped_images": skipped,
+               **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "tokenizer"}}
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        score = scores[select_metric]
+        improved = score > best
+        if improved:
+            best, bad_epochs = score, 0
+            save_checkpoint(out / "best.safetensors", model, vocab,
+                            {**info, "epoch": epoch + 1, f"val_{select_metric}": round(score, 4)})
+        else:
+            bad_epochs += 1
+        save_checkpoint(out / "last.safetensors", model, vocab, {**info, "epoch": epoch + 1})
+        torch.save({
+            "decoder": model.decoder.state_dict(),
+            **({"encoder": model.encoder.state_dict()} if fine_tune_encoder else {}),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
+            "torch_rng": torch.get_rng_state(), "python_rng": list(_list_state(random.getstate())),
+            "vocab": vocab.to_json(), "model_config": json.dumps(config.to_dict()),
+        }, state_file)
+        log.info("epoch %d: loss %.3f, val %s %.4f, BLEU-4 %.4f%s (%.0fs)", epoch + 1, loss, select_metric,
+                 score, scores["BLEU-4"], " *best*" if improved else "", row["epoch_time_s"])
+        plot_curves(metrics_file, out / "curves.png", select_metric)
+        if bad_epochs >= patience:
+            log.info("no improvement for %d epochs: stopping early", patience)
+            break
+    return {"best": best, "metric": select_metric, "out": str(out)}
+
+
+def compute_val_features(model, records, device, num_workers):
+    """Encoder features of the val images with the current (fine-tuned) encoder."""
+    feats = []
+    with torch.inference_mode():
+        for idx, pixels, _ in image_loader([r.image for r in records], num_workers=num_workers):
+            feats.append(model.encode_images(pixels.to(device)) if pixels is not None else None)
+    return torch.cat([f for f in feats if f is not None])
+
+
+def _list_state(s):  # random.getstate() nests tuples; keep it to lists/ints for weights_only
+    return [list(x) if isinstance(x, tuple) else x for x in s]
+
+
+def _tuple_state(s):
+    return tuple(tuple(x) if isinstance(x, list) else x for x in s)
+
+
+def plot_curves(metrics_file, png, select_metric):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_file)]
+    epochs = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    a.set(title="training loss", xlabel="epoch")
+    for key in (f"val_{select_metric}", "val_BLEU-4"):
+        b.plot(epochs, [r.get(key) for r in rows], marker="o", label=key[4:])
+    b.set(title="validation (beam-decoded)", xlabel="epoch")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
