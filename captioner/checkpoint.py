@@ -26,7 +26,7 @@ def save_checkpoint(path, model, vocab, info=None):
     """Write `model` (a CaptionModel) and `vocab` to `path`; `info` is extra JSON metadata
     (training data, scores) kept for the record."""
     tensors = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
-    if any(p.requires_grad for p in model.encoder.parameters()) or getattr(model, "encoder_tuned", False):
+    if model.encoder_tuned:
         tensors.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {

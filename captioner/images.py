@@ -51,7 +51,9 @@ def load_image(source, max_pixels=MAX_PIXELS):
             img = Image.open(source)
         except UnidentifiedImageError:
             raise ImageError("not an image (unknown or unsupported format)") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError:
+            raise ImageError(f"image too large (over {max_pixels:,} pixels)") from None
+        except (OSError, ValueError) as e:
             raise ImageError(f"cannot open image: {e}") from None
     width, height = img.size
     if width * height > max_pixels:

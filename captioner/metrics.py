@@ -56,9 +56,7 @@ def score_captions(predictions, references, use_java=None, cider_only=False):
         scores.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
         if not cider_only:
             if use_java:
-                meteor = Meteor()
-                scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-                meteor.close() if hasattr(meteor, "close") else None
+                scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
             scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
         scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return scores

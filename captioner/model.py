@@ -90,7 +90,8 @@ class CaptionModel(nn.Module):
         if config.encoder != ENCODER_NAME:
             raise ValueError(f"unknown encoder {config.encoder!r}; this version has {ENCODER_NAME!r}")
         self.config = config
-        self.encoder = load_encoder(pretrained=pretrained_encoder)
+        self.encoder = load_encoder(pretrained=pretrained_encoder).requires_grad_(False)
+        self.encoder_tuned = False  # set by training with --fine-tune-encoder; saved with the weights
         self.decoder = CaptionDecoder(config)
 
     def encode_images(self, pixels):

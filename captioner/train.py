@@ -141,7 +141,7 @@ def _autocast(device, amp):
     return torch.autocast(device.type, enabled=False)
 
 
-def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothing, amp, scaler, desc):
+def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothing, amp, scaler, desc, steps=None):
     model.train()
     if not model.encoder_tuned:
         model.encoder.eval()
@@ -151,7 +151,7 @@ def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothin
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eval()
     total, count, skipped, images = 0.0, 0, 0, 0
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, total=steps)
     for inputs, tokens, n_skipped in bar:
         skipped += n_skipped
         if inputs is None:
@@ -266,6 +266,9 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
     start_epoch, best, bad_epochs = 0, -math.inf, 0
+    # Seed again: encoding images (DataLoaders draw seeds) must not change the training
+    # order, or a run with a warm feature cache would differ from one with a cold cache.
+    torch.manual_seed(seed)
     if state:
         model.decoder.load_state_dict(state["decoder"])
         if fine_tune_encoder and "encoder" in state:
@@ -285,7 +288,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         t0 = time.time()
         loss, n_captions, skipped = train_one_epoch(
             model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,
-            desc=f"epoch {epoch + 1}/{epochs}")
+            desc=f"epoch {epoch + 1}/{epochs}", steps=math.ceil(len(train_idx) / batch_size))
         train_time = time.time() - t0
         scores, _ = evaluate_features(model, vocab, val_features_fn(), val_set, beam_size, max_caption_length)
         current_lr = optimizer.param_groups[0]["lr"]
