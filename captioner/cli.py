@@ -213,3 +213,27 @@ def evaluate(checkpoint, data, fmt, images, split, beam_size, max_length, batch_
         if name != "tokenizer":
             click.echo(f"{name:8s} {value:.4f}")
     click.echo(f"captions and scores written to {output}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="gunicorn worker processes; each loads the model and gets cores/workers torch threads.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path),
+              help="Checkpoint to serve (default: the shipped weights/).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def serve(host, port, workers, weights, device):
+    """Serve the HTTP API and upload page with gunicorn (server/gunicorn.conf.py)."""
+    import os
+
+    import server
+
+    conf = Path(server.__file__).resolve().parent / "gunicorn.conf.py"
+    env = {**os.environ, "CAPTIONER_DEVICE": device, "CAPTIONER_WORKERS": str(workers)}
+    if weights:
+        env["CAPTIONER_WEIGHTS"] = str(weights.resolve())
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(conf), "--bind", f"{host}:{port}",
+            "--workers", str(workers), "server.wsgi:app"]
+    click.echo(f"serving on http://{host}:{port}/ with {workers} worker(s)", err=True)
+    os.execve(sys.executable, argv, env)  # gunicorn takes over this process and its signals

@@ -56,3 +56,18 @@ def image_folder(tmp_path, photos):
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (folder / "notes.txt").write_text("not an image, and not picked up by extension")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tiny_checkpoint):
+    from captioner.inference import Captioner
+
+    return Captioner.from_pretrained(tiny_checkpoint, device="cpu")
+
+
+def image_bytes(img, fmt="JPEG", **kw):
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()

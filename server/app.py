@@ -1,0 +1,246 @@
+"""Flask application factory for the captioning API and its upload page.
+
+Every response is JSON (the page and its assets aside); every error is
+{"error": {"code", "message"}} with a 4xx status for bad input. Uploaded bytes stay in
+memory: nothing a client sends is written to disk or used as a path.
+"""
+import io
+import json
+import os
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+import torch
+from flask import Flask, Request, jsonify, request, send_from_directory
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from captioner.images import MAX_PIXELS, ImageError, load_image, preprocess
+from captioner.inference import MAX_BEAM_SIZE, Captioner
+
+from .batching import BatchCaptioner
+
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULTS = {
+    "WEIGHTS": None,  # checkpoint path; None = the shipped weights/
+    "DEVICE": "auto",
+    "CAPTIONER": None,  # an already-loaded Captioner (tests share one)
+    "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
+    "MAX_FILES": 16,
+    "MAX_PIXELS": 40_000_000,
+    "MAX_CAPTION_LENGTH": 50,
+    "BATCH_MAX_SIZE": 16,
+    "BATCH_WAIT_MS": 5.0,
+    "REQUEST_TIMEOUT_S": 30.0,
+}
+OPTIONS = {  # name: (default, lowest, highest); highest None = MAX_CAPTION_LENGTH
+    "beam_size": (3, 1, MAX_BEAM_SIZE),
+    "n_best": (1, 1, 5),
+    "max_length": (20, 1, None),
+}
+
+
+class InMemoryRequest(Request):
+    """Keep uploaded files in memory (werkzeug spools big ones to a temp file); the body
+    is capped by MAX_CONTENT_LENGTH."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+class ApiError(Exception):
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status, code, message):
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+def create_app(config=None):
+    app = Flask(__name__, static_folder=None)
+    app.request_class = InMemoryRequest
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    captioner = app.config["CAPTIONER"] or Captioner.from_pretrained(app.config["WEIGHTS"], app.config["DEVICE"])
+    metrics = _make_metrics()
+    batcher = BatchCaptioner(captioner, app.config["BATCH_MAX_SIZE"], app.config["BATCH_WAIT_MS"],
+                             on_batch=metrics["batch_size"].observe)
+    state = {"ready": False}
+    app.extensions["captioner"] = {"captioner": captioner, "batcher": batcher, "metrics": metrics, "state": state}
+
+    # Warm-up: one real caption through the batcher, so /readyz means "answers fast now".
+    warm = torch.stack([preprocess(Image.new("RGB", (64, 64), (128, 128, 128)))])
+    batcher.submit(warm).result(timeout=120)
+    state["ready"] = True
+
+    @app.before_request
+    def start_timer():
+        request.environ["captioner.start"] = time.perf_counter()
+
+    @app.after_request
+    def count_request(response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics["requests"].labels(route, str(response.status_code)).inc()
+        start = request.environ.get("captioner.start")
+        if start is not None:
+            metrics["latency"].labels(route).observe(time.perf_counter() - start)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(e):
+        return error_response(e.status, e.code, e.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+                415: "unsupported_media_type"}.get(e.code, "http_error")
+        message = e.description
+        if e.code == 413:
+            message = f"request body over the limit of {app.config['MAX_CONTENT_LENGTH']:,} bytes"
+        return error_response(e.code, code, message)
+
+    @app.errorhandler(Exception)
+    def internal_error(e):
+        app.logger.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error while captioning; the server is still up")
+
+    @app.get("/")
+    def index():
+        response = send_from_directory(STATIC, "index.html")
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+        return response
+
+    @app.get("/static/<name>")
+    def static_file(name):
+        if name not in ("app.js", "style.css"):
+            raise ApiError(404, "not_found", "no such file")
+        return send_from_directory(STATIC, name)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        if not state["ready"]:
+            return error_response(503, "not_ready", "model is loading")
+        return jsonify({"status": "ready", "model": captioner.name})
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several gunicorn workers: add them up
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = metrics["registry"]
+        return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+    @app.get("/openapi.json")
+    def openapi():
+        return app.response_class((STATIC / "openapi.json").read_text(), mimetype="application/json")
+
+    @app.post("/v1/captions")
+    def captions():
+        t0 = time.perf_counter()
+        options = _parse_options(app.config["MAX_CAPTION_LENGTH"])
+        uploads = _read_uploads(app.config["MAX_FILES"])
+        pixels = []
+        for filename, data in uploads:
+            try:
+                pixels.append(preprocess(load_image(data, max_pixels=app.config["MAX_PIXELS"])))
+            except ImageError as e:
+                raise ApiError(400, "invalid_image", f"{filename}: {e}")
+        future = batcher.submit(torch.stack(pixels), options["beam_size"], options["n_best"], options["max_length"])
+        try:
+            results = future.result(timeout=app.config["REQUEST_TIMEOUT_S"])
+        except FutureTimeout:
+            raise ApiError(503, "timeout", "the server is too busy to caption in time; try again")
+        metrics["images"].inc(len(results))
+        return jsonify({
+            "model": captioner.name,
+            "results": [{"filename": filename, "caption": r["caption"], "score": r["score"],
+                         "alternatives": r["alternatives"]} for (filename, _), r in zip(uploads, results)],
+            "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
+        })
+
+    return app
+
+
+def _parse_options(max_caption_length):
+    options = {}
+    for name, (default, low, high) in OPTIONS.items():
+        high = high or max_caption_length
+        raw = request.args.get(name, request.form.get(name))
+        if raw is None or raw == "":
+            options[name] = default
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_option", f"{name} must be an integer from {low} to {high}, not {raw[:20]!r}")
+        if not low <= value <= high:
+            raise ApiError(400, "invalid_option", f"{name} must be from {low} to {high}, not {value}")
+        options[name] = value
+    if options["n_best"] > options["beam_size"]:
+        raise ApiError(400, "invalid_option", "n_best must not exceed beam_size")
+    return options
+
+
+def _is_image_type(mimetype):
+    return not mimetype or mimetype.startswith("image/") or mimetype == "application/octet-stream"
+
+
+def _read_uploads(max_files):
+    """-> [(filename, bytes)] from a multipart form's `image` fields or a raw image/* body."""
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        files = request.files.getlist("image")
+        if not files:
+            raise ApiError(400, "missing_image", "no file in the form field 'image'")
+        if len(files) > max_files:
+            raise ApiError(400, "too_many_files", f"{len(files)} files in one request; the limit is {max_files}")
+        uploads = []
+        for i, f in enumerate(files):
+            name = f.filename or f"image-{i}"
+            if not _is_image_type(f.mimetype):
+                raise ApiError(415, "unsupported_media_type", f"{name}: declared type {f.mimetype} is not an image")
+            data = f.read()
+            if not data:
+                raise ApiError(400, "empty_file", f"{name}: empty file")
+            uploads.append((name, data))
+        return uploads
+    if mimetype.startswith("image/") or mimetype == "application/octet-stream":
+        data = request.get_data(cache=False)
+        if not data:
+            raise ApiError(400, "empty_file", "empty request body")
+        return [("body", data)]
+    if not mimetype:
+        raise ApiError(400, "missing_image", "send a multipart form with an 'image' file, or an image/* body")
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {mimetype} is not an image; send multipart/form-data or image/*")
+
+
+def _make_metrics():
+    registry = CollectorRegistry()
+    return {
+        "registry": registry,
+        "requests": Counter("captioner_http_requests", "HTTP requests by route and status",
+                            ["route", "status"], registry=registry),
+        "latency": Histogram("captioner_http_request_seconds", "Request latency by route", ["route"],
+                             registry=registry,
+                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+        "images": Counter("captioner_images_captioned", "Images captioned", registry=registry),
+        "batch_size": Histogram("captioner_batch_images", "Images per model call (micro-batching)",
+                                registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64)),
+    }

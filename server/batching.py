@@ -1,0 +1,71 @@
+"""Micro-batching: concurrent requests in one worker share a model call.
+
+Request threads put (pixels, options) on a queue and wait on a Future. One model thread
+takes the first waiting request, then keeps collecting for at most `max_wait_ms` or until
+`max_batch` images are in hand, and captions each group of requests with the same decoding
+options in a single `caption_pixels` call: the encoder and the beam search see the whole
+batch, which is what lets one CPU box serve many clients.
+"""
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class BatchCaptioner:
+    def __init__(self, captioner, max_batch=16, max_wait_ms=5.0, on_batch=None):
+        self.captioner = captioner
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch or (lambda n: None)  # metrics hook: images per model call
+        self.requests = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="caption-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, pixels, beam_size=3, n_best=1, max_length=20):
+        """Queue (N, 3, H, W) preprocessed images; returns a Future of N result dicts."""
+        future = Future()
+        self.requests.put((pixels, (beam_size, n_best, max_length), future))
+        return future
+
+    def _collect(self):
+        batch = [self.requests.get()]
+        images = len(batch[0][0])
+        deadline = time.monotonic() + self.max_wait
+        while images < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = self.requests.get(timeout=remaining)
+            except queue.Empty:
+                break
+            batch.append(item)
+            images += len(item[0])
+        return batch
+
+    def _run(self):
+        while True:
+            batch = self._collect()
+            groups = {}
+            for item in batch:
+                groups.setdefault(item[1], []).append(item)
+            for (beam_size, n_best, max_length), items in groups.items():
+                try:
+                    pixels = torch.cat([p for p, _, _ in items])
+                    results = self.captioner.caption_pixels(pixels, beam_size, n_best, max_length)
+                    self.on_batch(len(pixels))
+                except Exception as e:  # a failed batch fails its requests, never the thread
+                    log.exception("captioning batch failed")
+                    for _, _, future in items:
+                        future.set_exception(e)
+                    continue
+                start = 0
+                for p, _, future in items:
+                    future.set_result(results[start:start + len(p)])
+                    start += len(p)

@@ -1,0 +1,23 @@
+"""gunicorn entry point: `gunicorn -c server/gunicorn.conf.py server.wsgi:app`.
+
+Settings come from the environment, so the same image runs anywhere:
+CAPTIONER_WEIGHTS (checkpoint path), CAPTIONER_DEVICE (auto|cpu|cuda),
+CAPTIONER_MAX_CONTENT_LENGTH (bytes), CAPTIONER_MAX_FILES, CAPTIONER_BATCH_MAX_SIZE,
+CAPTIONER_BATCH_WAIT_MS.
+"""
+import os
+
+from .app import create_app
+
+
+def config_from_env():
+    config = {"WEIGHTS": os.environ.get("CAPTIONER_WEIGHTS") or None,
+              "DEVICE": os.environ.get("CAPTIONER_DEVICE", "auto")}
+    for key, cast in (("MAX_CONTENT_LENGTH", int), ("MAX_FILES", int), ("BATCH_MAX_SIZE", int),
+                      ("BATCH_WAIT_MS", float)):
+        if os.environ.get(f"CAPTIONER_{key}"):
+            config[key] = cast(os.environ[f"CAPTIONER_{key}"])
+    return config
+
+
+app = create_app(config_from_env())

@@ -1,0 +1,31 @@
+"""docker-compose.yml and Dockerfile, checked by parsing (no Docker engine runs here)."""
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_services():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    server, train = compose["services"]["server"], compose["services"]["train"]
+    assert "8000:8000" in server["ports"]
+    assert "/readyz" in " ".join(server["healthcheck"]["test"])
+    assert any(v.endswith(":/app/weights:ro") for v in server["volumes"])
+    limits = server["deploy"]["resources"]["limits"]
+    assert limits["cpus"] and limits["memory"]
+    assert "profiles" not in server and train["profiles"] == ["train"]
+    (gpu,) = train["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert any(v.endswith(":/data:ro") for v in train["volumes"])
+    assert train["command"][:2] == ["captioner", "train"]
+
+
+def test_dockerfile_runs_gunicorn_as_non_root_with_healthcheck():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and user[-1] != "USER root"
+    assert any(line.startswith("HEALTHCHECK") for line in lines) and "/readyz" in text
+    assert "COPY weights" in text and "server.wsgi:app" in text and "--preload" not in text
+    assert "torch==2.14.1" in text and "torchvision==0.29.1" in text

@@ -1,0 +1,224 @@
+"""The Flask app through its test client: every route, every bad input."""
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import image_bytes
+from server.app import create_app
+
+
+@pytest.fixture(scope="module")
+def app(tiny_captioner):
+    return create_app({"CAPTIONER": tiny_captioner, "MAX_CONTENT_LENGTH": 2 * 1024 * 1024, "MAX_FILES": 3})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def post(client, files=(), query="", **kw):
+    data = {"image": [(io.BytesIO(b), name, *([t] if t else [])) for name, b, t in files]} if files else {}
+    return client.post(f"/v1/captions{query}", data=data, content_type="multipart/form-data", **kw)
+
+
+def assert_error(response, status, code=None):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"} and body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]["message"]
+
+
+def test_caption_one_and_many(client, photos):
+    r = post(client, [("cat.jpg", image_bytes(photos["cat"]), None)], "?beam_size=3&n_best=3")
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["model"] and body["elapsed_ms"] >= 0
+    (result,) = body["results"]
+    assert result["filename"] == "cat.jpg" and result["caption"] and isinstance(result["score"], float)
+    assert len(result["alternatives"]) == 2
+    r = post(client, [("a.png", image_bytes(photos["coffee"], "PNG"), "image/png"),
+                      ("b.jpg", image_bytes(photos["rocket"]), None)])
+    assert [x["filename"] for x in r.get_json()["results"]] == ["a.png", "b.jpg"]
+
+
+def test_raw_image_body_and_form_options(client, photos):
+    r = client.post("/v1/captions?n_best=2", data=image_bytes(photos["cat"]), content_type="image/jpeg")
+    assert r.status_code == 200 and len(r.get_json()["results"][0]["alternatives"]) == 1
+    r = client.post("/v1/captions", data={"image": (io.BytesIO(image_bytes(photos["cat"])), "c.jpg"),
+                                          "beam_size": "1", "max_length": "3"},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200 and len(r.get_json()["results"][0]["caption"].split()) <= 3
+
+
+def _odd_images(photos):
+    cat = photos["cat"]
+    frames = [cat.convert("P"), Image.new("P", cat.size)]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "cmyk.jpg": image_bytes(cat.convert("CMYK")),
+        "grey.png": image_bytes(cat.convert("L"), "PNG"),
+        "16bit.png": image_bytes(Image.fromarray((np.asarray(cat.convert("L"), np.uint16) * 257)), "PNG"),
+        "palette.png": image_bytes(cat.convert("P"), "PNG"),
+        "rgba.png": image_bytes(cat.convert("RGBA"), "PNG"),
+        "anim.gif": image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "rotated.jpg": image_bytes(cat, "JPEG", exif=exif),
+        "webp.webp": image_bytes(cat, "WEBP"),
+    }
+
+
+def test_odd_but_valid_images_are_captioned(client, photos):
+    for name, data in _odd_images(photos).items():
+        r = post(client, [(name, data, None)])
+        assert r.status_code == 200, (name, r.get_json())
+        assert r.get_json()["results"][0]["caption"]
+
+
+def _bomb_png(width=30000, height=30000):
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 4000)) + chunk(b"IEND", b""))
+
+
+def test_bad_images_are_400(client, photos):
+    good = image_bytes(photos["cat"])
+    cases = {
+        "empty.jpg": b"",
+        "random.bin": np.random.default_rng(0).bytes(3000),
+        "truncated.jpg": good[: len(good) // 3],
+        "text.png": b"just some text",
+        "bomb.png": _bomb_png(),
+    }
+    codes = {"empty.jpg": "empty_file"}
+    for name, data in cases.items():
+        message = assert_error(post(client, [(name, data, None)]), 400, codes.get(name, "invalid_image"))
+        assert name in message
+    assert "too large" in assert_error(post(client, [("bomb.png", _bomb_png(), None)]), 400)
+    # One bad file fails the request and names the file; nothing is half-done.
+    assert "bad.jpg" in assert_error(post(client, [("ok.jpg", good, None), ("bad.jpg", b"nope", None)]), 400)
+
+
+def test_request_shape_errors(client, photos):
+    good = image_bytes(photos["cat"])
+    assert_error(client.post("/v1/captions"), 400, "missing_image")
+    assert_error(client.post("/v1/captions", data={"other": "x"}, content_type="multipart/form-data"), 400,
+                 "missing_image")
+    assert_error(client.post("/v1/captions", data=b"", content_type="image/png"), 400, "empty_file")
+    assert_error(client.post("/v1/captions", data=b'{"a": 1}', content_type="application/json"), 415)
+    assert_error(post(client, [("notes.txt", b"hello", "text/plain")]), 415, "unsupported_media_type")
+    assert_error(post(client, [(f"{i}.jpg", good, None) for i in range(4)]), 400, "too_many_files")
+    big = np.random.default_rng(0).bytes(3 * 1024 * 1024)
+    assert_error(client.post("/v1/captions", data=big, content_type="image/jpeg"), 413, "too_large")
+    assert_error(post(client, [("big.jpg", big, None)]), 413)
+
+
+@pytest.mark.parametrize("query,option", [
+    ("?beam_size=0", "beam_size"), ("?beam_size=11", "beam_size"), ("?beam_size=abc", "beam_size"),
+    ("?n_best=6", "n_best"), ("?beam_size=2&n_best=3", "n_best"), ("?max_length=0", "max_length"),
+    ("?max_length=1000", "max_length"),
+])
+def test_bad_options_name_the_option(client, photos, query, option):
+    message = assert_error(post(client, [("c.jpg", image_bytes(photos["cat"]), None)], query), 400, "invalid_option")
+    assert option in message
+
+
+def test_unknown_route_and_wrong_method_are_json(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    assert_error(client.get("/v1/captions"), 405, "method_not_allowed")
+    assert_error(client.delete("/healthz"), 405)
+    assert_error(client.get("/static/../app.py"), 404)
+
+
+def test_health_ready_metrics(client, photos):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["status"] == "ready"
+    post(client, [("c.jpg", image_bytes(photos["cat"]), None)])
+    post(client, [("c.jpg", b"", None)])
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'captioner_http_requests_total{route="/v1/captions",status="200"}' in text
+    assert 'captioner_http_requests_total{route="/v1/captions",status="400"}' in text
+    assert "captioner_http_request_seconds_bucket" in text
+    assert "captioner_images_captioned_total" in text and "captioner_batch_images_count" in text
+
+
+def test_page_and_assets(client):
+    page = client.get("/")
+    assert page.status_code == 200 and b'id="file"' in page.data
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "http" not in csp
+    assert b"http://" not in page.data and b"https://" not in page.data  # no external assets
+    for name in ("app.js", "style.css"):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and b"http" not in asset.data
+    assert b"/v1/captions" in client.get("/static/app.js").data
+
+
+def test_openapi_matches_routes(app, client):
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
+    served = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        served |= {(path, m) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    assert documented == served
+    try:
+        from openapi_spec_validator import validate
+    except ImportError:
+        return
+    validate(spec)
+
+
+def test_nothing_written_to_disk(client, photos, tmp_path, monkeypatch):
+    """Uploads (even over werkzeug's 500 KB spooling threshold) stay in memory."""
+    import tempfile
+
+    import werkzeug.formparser
+
+    def no_temp_files(*a, **k):
+        raise AssertionError("an upload was spooled to disk")
+    monkeypatch.setattr(werkzeug.formparser, "SpooledTemporaryFile", no_temp_files)
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", no_temp_files)
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_temp_files)
+    big = image_bytes(photos["astronaut"].resize((1400, 1400)), "PNG")
+    assert len(big) > 600_000
+    assert post(client, [("big.png", big, None)]).status_code == 200
+
+
+def test_model_errors_are_json_500_and_the_batcher_survives(app, client, photos, monkeypatch):
+    batcher = app.extensions["captioner"]["batcher"]
+    real = batcher.captioner.caption_pixels
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(batcher.captioner, "caption_pixels", broken)
+    assert_error(post(client, [("c.jpg", image_bytes(photos["cat"]), None)]), 500, "internal_error")
+    monkeypatch.setattr(batcher.captioner, "caption_pixels", real)
+    assert post(client, [("c.jpg", image_bytes(photos["cat"]), None)]).status_code == 200
+
+
+def test_concurrent_requests_are_batched(tiny_captioner, photos):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app({"CAPTIONER": tiny_captioner, "BATCH_WAIT_MS": 200, "BATCH_MAX_SIZE": 8})
+    data = image_bytes(photos["cat"])
+
+    def one(_):
+        return post(app.test_client(), [("c.jpg", data, None)]).status_code
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == [200] * 8
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    count = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("captioner_batch_images_count")))
+    assert count < 1 + 8  # warm-up + fewer model calls than requests
