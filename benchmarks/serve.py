@@ -1,0 +1,102 @@
+"""Serving throughput: `captioner serve` on loopback under N concurrent clients, against
+the CLI's batch pipeline on the same images in the same run.
+
+Prints served images/s, p50/p95 request latency, and served/CLI images/s. Each request
+carries one photo (1600x1200 JPEG made from the bundled examples), beam size 3.
+
+    .venv/bin/python benchmarks/serve.py [--clients 8] [--requests 200] [--workers 1]
+"""
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from caption_folder import make_folder, pipeline  # same folder
+
+from captioner.inference import Captioner
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, data):
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "image/jpeg"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        r.read()
+        assert r.status == 200
+    return time.perf_counter() - t0
+
+
+def wait_ready(base, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit("server exited before it was ready")
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    sys.exit("server not ready in time")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--images", type=int, default=32, help="distinct photos to cycle through")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_folder(Path(tmp), args.images)
+        payloads = [p.read_bytes() for p in paths]
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        captioner_cli = Path(sys.executable).with_name("captioner")
+        proc = subprocess.Popen([str(captioner_cli), "serve", "--port", str(port), "--workers", str(args.workers),
+                                 "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "CAPTIONER_ACCESS_LOG": "/dev/null"})
+        try:
+            wait_ready(base, proc)
+            for data in payloads[:4]:  # warm-up
+                post(base + "/v1/captions", data)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                latencies = list(pool.map(lambda i: post(base + "/v1/captions", payloads[i % len(payloads)]),
+                                          range(args.requests)))
+            served = args.requests / (time.perf_counter() - t0)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+        captioner = Captioner.from_pretrained(device="cpu")
+        pipeline(captioner, paths[:4], 3, 32, None)  # warm-up
+        t0 = time.perf_counter()
+        pipeline(captioner, paths, 3, 32, None)
+        cli = len(paths) / (time.perf_counter() - t0)
+
+    latencies.sort()
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    print(f"{args.requests} requests, {args.clients} clients, {args.workers} worker(s), {os.cpu_count()} cpus, beam 3")
+    print(f"served          : {served:7.1f} images/s")
+    print(f"latency p50/p95 : {statistics.median(latencies) * 1000:7.0f} / {p95 * 1000:.0f} ms")
+    print(f"CLI batch       : {cli:7.1f} images/s ({len(paths)} images, batch 32)")
+    print(f"served / CLI    : {served / cli:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
