@@ -236,7 +236,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         make_batches = lambda: torch.utils.data.DataLoader(  # noqa: E731
             pairs, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=_collate_pairs,
             pin_memory=device.type == "cuda", drop_last=False)
-        val_features_fn = lambda: compute_val_features(model, val_set, device, num_workers)  # noqa: E731
+        val_features_fn = lambda: encode_records(model, val_set, device, num_workers)  # noqa: E731
     else:
         train_features, ok = compute_features(model, train_paths, device, cache_dir, num_workers=num_workers)
         keep = torch.tensor(ok)[train_idx]
@@ -252,7 +252,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             for s in range(0, len(order), batch_size):
                 j = order[s:s + batch_size]
                 yield train_features[train_idx[j].to(device)], train_tokens[j], 0
-        val_features_fn = lambda: val_features  # noqa: E731
+        val_features_fn = lambda: (val_features, val_set)  # noqa: E731
     if len(train_idx) == 0:
         raise ValueError(f"{data}: no usable training captions")
 
@@ -290,7 +290,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,
             desc=f"epoch {epoch + 1}/{epochs}", steps=math.ceil(len(train_idx) / batch_size))
         train_time = time.time() - t0
-        scores, _ = evaluate_features(model, vocab, val_features_fn(), val_set, beam_size, max_caption_length)
+        scores, _ = evaluate_features(model, vocab, *val_features_fn(), beam_size, max_caption_length)
         current_lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "lr": current_lr,
@@ -325,13 +325,19 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     return {"best": best, "metric": select_metric, "out": str(out)}
 
 
-def compute_val_features(model, records, device, num_workers):
-    """Encoder features of the val images with the current (fine-tuned) encoder."""
-    feats = []
+def encode_records(model, records, device, num_workers):
+    """Features of the records' images with the current (fine-tuned) encoder.
+    -> (features, the records whose image could be read)."""
+    feats, kept = [], []
+    model.eval()
     with torch.inference_mode():
         for idx, pixels, _ in image_loader([r.image for r in records], num_workers=num_workers):
-            feats.append(model.encode_images(pixels.to(device)) if pixels is not None else None)
-    return torch.cat([f for f in feats if f is not None])
+            if pixels is not None:
+                feats.append(model.encode_images(pixels.to(device)))
+                kept.extend(records[i] for i in idx)
+    if not kept:
+        raise ValueError("no readable validation images")
+    return torch.cat(feats), kept
 
 
 def _list_state(s):  # random.getstate() nests tuples; keep it to lists/ints for weights_only

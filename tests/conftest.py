@@ -71,3 +71,113 @@ def image_bytes(img, fmt="JPEG", **kw):
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+def bomb_png(width=30000, height=30000):
+    """A few hundred bytes of PNG that claim width x height pixels: a decompression bomb's
+    header, for checking that such files are refused before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 4000)) + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------- shared by the core tests
+# (appended; the fixtures above are used by the server tests too)
+
+# What `trained_model` learns to say about each photo of `photos`.
+PHOTO_CAPTIONS = {
+    "cat": "a cat sits on the chair",
+    "coffee": "a cup of coffee",
+    "rocket": "a rocket on the launch pad",
+    "astronaut": "a woman in a space suit",
+}
+
+
+def train_decoder(decoder, features, captions, vocab, steps=150, lr=1e-2, noise=0.0, seed=0):
+    """Teacher-force `decoder` (a CaptionDecoder) to say captions[i] for features[i] with Adam;
+    `noise` adds Gaussian jitter to the features so that nearby features give the same caption."""
+    from captioner.vocab import PAD_ID
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(vocab.encode(c)) for c in captions],
+                                             batch_first=True, padding_value=PAD_ID)
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    decoder.train()
+    for _ in range(steps):
+        x = features + noise * torch.randn(features.shape, generator=generator) * features.std() if noise else features
+        logits = decoder(x, tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                                 ignore_index=PAD_ID)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return decoder.eval()
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The pretrained EfficientNet-Lite0, loaded once."""
+    from captioner.encoder import load_encoder
+
+    return load_encoder()
+
+
+@pytest.fixture(scope="session")
+def photo_features(photos, encoder):
+    """Pooled encoder features (4, 1280) of `photos`, in PHOTO_CAPTIONS order."""
+    from captioner.images import load_image, preprocess
+
+    pixels = torch.stack([preprocess(load_image(photos[name])) for name in PHOTO_CAPTIONS])
+    with torch.no_grad():
+        return encoder(pixels)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_vocab, photo_features):
+    """A small CaptionModel (real encoder, LSTM decoder with hidden 64) trained to give each
+    skimage photo its PHOTO_CAPTIONS caption. Do not modify it; copy it."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(tiny_vocab), embed_dim=32, hidden_dim=64, dropout=0.0)
+    model = CaptionModel(config)
+    train_decoder(model.decoder, photo_features, list(PHOTO_CAPTIONS.values()), tiny_vocab, noise=0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, trained_model, tiny_vocab):
+    """`trained_model` saved as a checkpoint file (a session-wide tmp dir: do not modify it)."""
+    path = tmp_path_factory.mktemp("trained") / "trained.safetensors"
+    save_checkpoint(path, trained_model, tiny_vocab, {"name": "trained-test"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_captioner(trained_checkpoint):
+    from captioner.inference import Captioner
+
+    return Captioner.from_pretrained(trained_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def photo_files(tmp_path, photos):
+    """A fresh folder with the four photos saved as cat.jpg, coffee.jpg, rocket.jpg, astronaut.jpg."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, img in photos.items():
+        img.save(folder / f"{name}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """A --cache-dir for training runs, shared by the session so images are encoded once."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+java_missing = pytest.mark.skipif(
+    not __import__("shutil").which("java") and __import__("os").environ.get("CI") != "true",
+    reason="Java is not installed (make java); CI (CI=true) always runs this")

@@ -1,34 +1,27 @@
 """load_image: every odd but valid image is read right, every bad one is an ImageError."""
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from captioner.images import ImageError, find_images, load_image
-
-
-def _bytes(img, fmt, **kw):
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
+from conftest import bomb_png, image_bytes
 
 
 def test_cmyk_and_grayscale(photos):
     cat = photos["cat"]
-    out = load_image(_bytes(cat.convert("CMYK"), "JPEG"))
+    out = load_image(image_bytes(cat.convert("CMYK"), "JPEG"))
     assert out.mode == "RGB" and out.size == cat.size
     assert abs(np.asarray(out, float).mean() - np.asarray(cat, float).mean()) < 15
-    grey = load_image(_bytes(cat.convert("L"), "PNG"))
+    grey = load_image(image_bytes(cat.convert("L"), "PNG"))
     arr = np.asarray(grey)
     assert grey.mode == "RGB" and (arr[..., 0] == arr[..., 1]).all()
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped():
     img = Image.fromarray(np.full((40, 60), 32896, dtype=np.uint16))  # mid-grey in 16 bits
-    data = _bytes(img, "PNG")
+    data = image_bytes(img, "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
     out = np.asarray(load_image(data))
     assert out.shape == (40, 60, 3) and abs(int(out.mean()) - 128) <= 1
@@ -36,24 +29,24 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
 
 def test_palette_with_and_without_transparency(photos):
     p = photos["coffee"].convert("P", palette=Image.ADAPTIVE, colors=64)
-    assert load_image(_bytes(p, "PNG")).mode == "RGB"
+    assert load_image(image_bytes(p, "PNG")).mode == "RGB"
     transparent = Image.new("P", (10, 10), 0)
     transparent.putpalette([0, 0, 0] * 256)
-    out = load_image(_bytes(transparent, "PNG", transparency=0))
+    out = load_image(image_bytes(transparent, "PNG", transparency=0))
     assert np.asarray(out).min() == 255  # transparent black becomes white
 
 
 def test_rgba_composited_on_white():
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
-    out = np.asarray(load_image(_bytes(rgba, "PNG")))
+    out = np.asarray(load_image(image_bytes(rgba, "PNG")))
     assert tuple(out[0, 0]) == (255, 0, 0)
     assert tuple(out[4, 4]) == (255, 255, 255)
 
 
 def test_animated_gif_uses_first_frame():
     frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
-    data = _bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    data = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
     assert Image.open(io.BytesIO(data)).n_frames == 2
     r, g, b = np.asarray(load_image(data))[8, 8]
     assert r > 200 and b < 50
@@ -63,13 +56,13 @@ def test_exif_rotation_applied(photos):
     cat = photos["cat"]  # 451x300, landscape
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    out = load_image(_bytes(cat, "JPEG", exif=exif))
+    out = load_image(image_bytes(cat, "JPEG", exif=exif))
     assert out.size == (cat.height, cat.width)
 
 
 def test_large_jpeg_read_at_reduced_scale_keeps_content(photos):
     big = photos["cat"].resize((2000, 1330))
-    out = load_image(_bytes(big, "JPEG"))
+    out = load_image(image_bytes(big, "JPEG"))
     assert 448 <= min(out.size) < 1330  # DCT-scaled, still above what the model needs
 
 
@@ -78,31 +71,23 @@ def test_large_jpeg_read_at_reduced_scale_keeps_content(photos):
     (np.random.default_rng(1).bytes(5000), "not an image"),
     (b"hello, this is text\n" * 20, "not an image"),
 ])
-def test_bad_bytes(data, message):
+def test_badimage_bytes(data, message):
     with pytest.raises(ImageError, match=message):
         load_image(data)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated(photos, fmt):
-    data = _bytes(photos["astronaut"], fmt)
+    data = image_bytes(photos["astronaut"], fmt)
     with pytest.raises(ImageError):
         load_image(data[: len(data) // 2])
 
 
-def _png_header_only(width, height):
-    """A tiny PNG that claims to be width x height (a decompression bomb's header)."""
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_refused_before_decoding():
     with pytest.raises(ImageError, match="too large"):
-        load_image(_png_header_only(30000, 30000))
+        load_image(bomb_png(30000, 30000))
     with pytest.raises(ImageError, match="too large"):
-        load_image(_png_header_only(1000, 1000), max_pixels=500_000)
+        load_image(bomb_png(1000, 1000), max_pixels=500_000)
 
 
 def test_missing_and_empty_files(tmp_path):

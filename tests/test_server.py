@@ -1,14 +1,11 @@
 """The Flask app through its test client: every route, every bad input."""
 import io
-import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import image_bytes
+from conftest import bomb_png, image_bytes
 from server.app import create_app
 
 
@@ -82,13 +79,6 @@ def test_odd_but_valid_images_are_captioned(client, photos):
         assert r.get_json()["results"][0]["caption"]
 
 
-def _bomb_png(width=30000, height=30000):
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 4000)) + chunk(b"IEND", b""))
-
-
 def test_bad_images_are_400(client, photos):
     good = image_bytes(photos["cat"])
     cases = {
@@ -96,13 +86,13 @@ def test_bad_images_are_400(client, photos):
         "random.bin": np.random.default_rng(0).bytes(3000),
         "truncated.jpg": good[: len(good) // 3],
         "text.png": b"just some text",
-        "bomb.png": _bomb_png(),
+        "bomb.png": bomb_png(),
     }
     codes = {"empty.jpg": "empty_file"}
     for name, data in cases.items():
         message = assert_error(post(client, [(name, data, None)]), 400, codes.get(name, "invalid_image"))
         assert name in message
-    assert "too large" in assert_error(post(client, [("bomb.png", _bomb_png(), None)]), 400)
+    assert "too large" in assert_error(post(client, [("bomb.png", bomb_png(), None)]), 400)
     # One bad file fails the request and names the file; nothing is half-done.
     assert "bad.jpg" in assert_error(post(client, [("ok.jpg", good, None), ("bad.jpg", b"nope", None)]), 400)
 

@@ -130,3 +130,17 @@ def test_standard_scorer_with_java():
     assert scores["tokenizer"] == "ptb"
     assert scores["BLEU-1"] == pytest.approx(1.0)
     assert 0 < scores["METEOR"] <= 1 and 0 < scores["ROUGE-L"] <= 1 and scores["CIDEr"] > 0
+
+
+def test_fine_tune_encoder_trains_and_stores_the_encoder(tmp_path, dataset):
+    run = tmp_path / "ft"
+    train(dataset, run, tmp_path / "cache", "--epochs", 1, "--fine-tune-encoder", "--encoder-lr", 1e-3)
+    from captioner.checkpoint import load_model
+    from captioner.encoder import load_encoder
+
+    model, _, _ = load_model(run / "last.safetensors")
+    assert model.encoder_tuned
+    pretrained = load_encoder()
+    assert not torch.equal(model.encoder._conv_stem.weight, pretrained._conv_stem.weight)  # it learned
+    train(dataset, run, tmp_path / "cache", "--epochs", 2, "--fine-tune-encoder", "--encoder-lr", 1e-3, "--resume")
+    assert _epochs(run) == [1, 2]
