@@ -81,7 +81,12 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
         captioner = Captioner.from_pretrained(weights, device=device)
     except (CheckpointError, ValueError) as e:
         raise click.ClickException(str(e))
-    stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        if output:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    except OSError as e:
+        raise click.FileError(str(output), hint=e.strerror or str(e))
     writer = RecordWriter(stream, fmt)
     failures = 0
     try:
@@ -120,6 +125,9 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=4e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--lr-decay-epochs", default=None, type=click.IntRange(1),
+              help="Cosine-decay the learning rate to 5% over this many epochs, then keep it there "
+                   "(default: --epochs). Fix it to extend a run later with --resume --epochs N.")
 @click.option("--encoder-lr", default=1e-5, show_default=True, type=click.FloatRange(0),
               help="Learning rate of the encoder with --fine-tune-encoder.")
 @click.option("--embed-dim", default=512, show_default=True, type=click.IntRange(1))
@@ -146,8 +154,8 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where image features are cached (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
-def train(data, fmt, images, out, epochs, batch_size, lr, encoder_lr, embed_dim, hidden_dim, num_layers,
-          cell, dropout, label_smoothing, min_word_count, max_caption_length, beam_size, patience,
+def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encoder_lr, embed_dim, hidden_dim,
+          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, beam_size, patience,
           select_metric, clip_grad, val_fraction, seed, device, workers, amp, fine_tune_encoder, resume,
           cache_dir):
     """Train a captioner; the best checkpoint is OUT/best.safetensors."""
@@ -158,6 +166,7 @@ def train(data, fmt, images, out, epochs, batch_size, lr, encoder_lr, embed_dim,
     try:
         summary = run_training(
             data, out, format=fmt, images=images, epochs=epochs, batch_size=batch_size, lr=lr,
+            lr_decay_epochs=lr_decay_epochs,
             encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
             cell=cell, dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
             max_caption_length=max_caption_length, beam_size=beam_size, patience=patience,

@@ -16,6 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .encoder import IMAGE_SIZE, MEAN, STD
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+# The only decoders Pillow may use. Others are a needless attack surface: EPS, for one, is
+# decoded by writing the upload to a temp file and running Ghostscript on it.
+IMAGE_FORMATS = ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"]  # JPEG includes MPO (phone photos)
 # Refuse images above this many pixels before decoding them: a 30000x30000 PNG can be a
 # few hundred KB on disk and 2.7 GB in memory. 100 MP still admits any camera photo.
 MAX_PIXELS = 100_000_000
@@ -48,7 +51,7 @@ def load_image(source, max_pixels=MAX_PIXELS):
             if path.stat().st_size == 0:
                 raise ImageError("empty file")
         try:
-            img = Image.open(source)
+            img = Image.open(source, formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
             raise ImageError("not an image (unknown or unsupported format)") from None
         except Image.DecompressionBombError:

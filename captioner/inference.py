@@ -1,5 +1,6 @@
 """The one inference path: the CLI, the server and training's validation all call
 `Captioner` (or the decoding functions it wraps)."""
+import os
 from pathlib import Path
 
 import torch
@@ -82,9 +83,10 @@ class Captioner:
         return decode_features(self.model, self.vocab, features, beam_size, n_best, max_length)
 
     def caption(self, images, beam_size=3, n_best=1, max_length=20):
-        """Caption a path, PIL image or bytes, or a list of them. A single input gives
-        one dict, a list gives a list. Unreadable images raise images.ImageError."""
-        single = isinstance(images, (str, Path, Image.Image, bytes))
+        """Caption a path, PIL image, bytes or binary file, or a list of them. A single input
+        gives one dict, a list gives a list. Unreadable images raise images.ImageError."""
+        # A file object is one image, not an iterable of lines.
+        single = isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray)) or hasattr(images, "read")
         items = [images] if single else list(images)
         if not items:
             return []

@@ -197,7 +197,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
           embed_dim=512, hidden_dim=512, num_layers=1, cell="lstm", dropout=0.5, min_word_count=5,
           max_caption_length=20, beam_size=3, seed=0, device="auto", fine_tune_encoder=False,
           resume=False, patience=5, clip_grad=5.0, label_smoothing=0.1, num_workers=None,
-          cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr"):
+          cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr", lr_decay_epochs=None):
     """Train a captioner on `data` and write best.safetensors, last.safetensors,
     train_state.pt, metrics.jsonl and curves.png to `out`. Returns a summary dict."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
@@ -261,7 +261,11 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     if fine_tune_encoder:
         groups.append({"params": list(model.encoder.parameters()), "lr": encoder_lr})
     optimizer = torch.optim.Adam(groups)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=lr * 0.05)
+    # Cosine decay over lr_decay_epochs (default: this run's --epochs), kept in the
+    # training state, so that a resumed run follows the schedule it started with; set it
+    # explicitly to extend a finished run with --resume --epochs N as if it had been planned.
+    base_lrs = [g["lr"] for g in groups]
+    lr_decay_epochs = lr_decay_epochs or epochs
     # bf16 autocast needs no loss scaling; the scaler is a no-op unless fp16 is used.
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
@@ -274,7 +278,9 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         if fine_tune_encoder and "encoder" in state:
             model.encoder.load_state_dict(state["encoder"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        base_lrs, lr_decay_epochs = state["base_lrs"], state["lr_decay_epochs"]  # the schedule it started with
+        if torch.cuda.is_available() and "cuda_rng" in state:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_tuple_state(state["python_rng"]))
@@ -284,15 +290,19 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     metrics_file = out / "metrics.jsonl"
     if not resume and metrics_file.exists():
         metrics_file.unlink()
+    elif resume and metrics_file.exists():  # drop rows of an epoch that stopped before its state was saved
+        rows = [line for line in metrics_file.read_text().splitlines() if line.strip()]
+        metrics_file.write_text("".join(r + "\n" for r in rows if json.loads(r)["epoch"] <= start_epoch))
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * lr_factor(epoch, lr_decay_epochs)
         loss, n_captions, skipped = train_one_epoch(
             model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,
             desc=f"epoch {epoch + 1}/{epochs}", steps=math.ceil(len(train_idx) / batch_size))
         train_time = time.time() - t0
         scores, _ = evaluate_features(model, vocab, *val_features_fn(), beam_size, max_caption_length)
         current_lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
         row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "lr": current_lr,
                "train_time_s": round(train_time, 1), "captions_per_s": round(n_captions / train_time, 1),
                "epoch_time_s": round(time.time() - t0, 1), "skipped_images": skipped,
@@ -311,7 +321,8 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         torch.save({
             "decoder": model.decoder.state_dict(),
             **({"encoder": model.encoder.state_dict()} if fine_tune_encoder else {}),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict(), "base_lrs": base_lrs, "lr_decay_epochs": lr_decay_epochs,
+            **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
             "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
             "torch_rng": torch.get_rng_state(), "python_rng": list(_list_state(random.getstate())),
             "vocab": vocab.to_json(), "model_config": json.dumps(config.to_dict()),
@@ -338,6 +349,13 @@ def encode_records(model, records, device, num_workers):
     if not kept:
         raise ValueError("no readable validation images")
     return torch.cat(feats), kept
+
+
+def lr_factor(epoch, decay_epochs):
+    """Learning-rate multiplier of 0-based `epoch`: cosine from 1 down to 0.05 over
+    `decay_epochs` epochs, then flat at 0.05."""
+    t = min(epoch, decay_epochs) / max(decay_epochs, 1)
+    return 0.05 + 0.95 * (1 + math.cos(math.pi * t)) / 2
 
 
 def _list_state(s):  # random.getstate() nests tuples; keep it to lists/ints for weights_only

@@ -5,8 +5,8 @@ Every response is JSON (the page and its assets aside); every error is
 memory: nothing a client sends is written to disk or used as a path.
 """
 import io
-import json
 import os
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -15,9 +15,9 @@ import torch
 from flask import Flask, Request, jsonify, request, send_from_directory
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from captioner.images import MAX_PIXELS, ImageError, load_image, preprocess
+from captioner.images import ImageError, load_image, preprocess
 from captioner.inference import MAX_BEAM_SIZE, Captioner
 
 from .batching import BatchCaptioner
@@ -29,11 +29,14 @@ DEFAULTS = {
     "CAPTIONER": None,  # an already-loaded Captioner (tests share one)
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
     "MAX_FILES": 16,
-    "MAX_PIXELS": 40_000_000,
+    "MAX_PIXELS": 40_000_000,  # stricter than the CLI's 100 MP: a public server decodes what it is sent
     "MAX_CAPTION_LENGTH": 50,
     "BATCH_MAX_SIZE": 16,
     "BATCH_WAIT_MS": 5.0,
     "REQUEST_TIMEOUT_S": 30.0,
+    # A 40 MP PNG takes up to ~0.8 GB while it is decoded; request threads take turns so
+    # that a burst of such files cannot run a worker out of memory.
+    "MAX_CONCURRENT_DECODES": 2,
 }
 OPTIONS = {  # name: (default, lowest, highest); highest None = MAX_CAPTION_LENGTH
     "beam_size": (3, 1, MAX_BEAM_SIZE),
@@ -71,6 +74,7 @@ def create_app(config=None):
     metrics = _make_metrics()
     batcher = BatchCaptioner(captioner, app.config["BATCH_MAX_SIZE"], app.config["BATCH_WAIT_MS"],
                              on_batch=metrics["batch_size"].observe)
+    decode_slots = threading.BoundedSemaphore(app.config["MAX_CONCURRENT_DECODES"])
     state = {"ready": False}
     app.extensions["captioner"] = {"captioner": captioner, "batcher": batcher, "metrics": metrics, "state": state}
 
@@ -157,10 +161,14 @@ def create_app(config=None):
         uploads = _read_uploads(app.config["MAX_FILES"])
         pixels = []
         for filename, data in uploads:
+            if not decode_slots.acquire(timeout=app.config["REQUEST_TIMEOUT_S"]):
+                raise ApiError(503, "timeout", "the server is too busy to read images in time; try again")
             try:
                 pixels.append(preprocess(load_image(data, max_pixels=app.config["MAX_PIXELS"])))
             except ImageError as e:
                 raise ApiError(400, "invalid_image", f"{filename}: {e}")
+            finally:
+                decode_slots.release()
         future = batcher.submit(torch.stack(pixels), options["beam_size"], options["n_best"], options["max_length"])
         try:
             results = future.result(timeout=app.config["REQUEST_TIMEOUT_S"])
@@ -222,6 +230,11 @@ def _read_uploads(max_files):
         return uploads
     if mimetype.startswith("image/") or mimetype == "application/octet-stream":
         data = request.get_data(cache=False)
+        # werkzeug stops reading a chunked body (no Content-Length) at MAX_CONTENT_LENGTH
+        # without an error: one more byte on the wire means the body was over the limit.
+        if request.content_length is None and len(data) >= (request.max_content_length or float("inf")) \
+                and request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
         if not data:
             raise ApiError(400, "empty_file", "empty request body")
         return [("body", data)]

@@ -5,6 +5,8 @@
 - gthread workers: a worker serves several requests at once on threads, which is what
   lets the micro-batcher put concurrent requests into one model call.
 - torch threads per worker = cores / workers, so workers x threads never exceeds the cores.
+  "Cores" are the ones this container may use (CPU affinity and a cgroup CPU quota such as
+  docker's --cpus / compose's cpus limit), not the host's; CAPTIONER_TORCH_THREADS overrides.
 - Metrics: with several workers, each one writes its counters to PROMETHEUS_MULTIPROC_DIR
   and /metrics adds them up.
 """
@@ -21,15 +23,33 @@ graceful_timeout = 30  # on SIGTERM, in-flight requests get this long to finish
 keepalive = 5
 limit_request_line = 8190
 accesslog = os.environ.get("CAPTIONER_ACCESS_LOG", "-")
+# No runtime control socket (recent gunicorn makes one in ~/.gunicorn): nothing here uses it,
+# and two servers on one machine (tests, benchmark) would fight over the path.
+control_socket_disable = True
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
-TORCH_THREADS = max(1, (os.cpu_count() or 1) // workers)
+
+
+def available_cpus():
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def post_fork(server, worker):
     import torch
 
-    torch.set_num_threads(TORCH_THREADS)
+    # server.num_workers, not `workers` above: --workers on the command line wins over this file.
+    threads = int(os.environ.get("CAPTIONER_TORCH_THREADS") or max(1, available_cpus() // server.num_workers))
+    torch.set_num_threads(threads)
+    worker.log.info("worker %s: %d torch threads", worker.pid, threads)
 
 
 def child_exit(server, worker):

@@ -2,8 +2,9 @@
 
 Settings come from the environment, so the same image runs anywhere:
 CAPTIONER_WEIGHTS (checkpoint path), CAPTIONER_DEVICE (auto|cpu|cuda),
-CAPTIONER_MAX_CONTENT_LENGTH (bytes), CAPTIONER_MAX_FILES, CAPTIONER_BATCH_MAX_SIZE,
-CAPTIONER_BATCH_WAIT_MS.
+CAPTIONER_MAX_CONTENT_LENGTH (bytes), CAPTIONER_MAX_FILES, CAPTIONER_MAX_PIXELS,
+CAPTIONER_BATCH_MAX_SIZE, CAPTIONER_BATCH_WAIT_MS, CAPTIONER_REQUEST_TIMEOUT_S,
+CAPTIONER_MAX_CONCURRENT_DECODES (see DEFAULTS in app.py).
 """
 import os
 
@@ -13,8 +14,9 @@ from .app import create_app
 def config_from_env():
     config = {"WEIGHTS": os.environ.get("CAPTIONER_WEIGHTS") or None,
               "DEVICE": os.environ.get("CAPTIONER_DEVICE", "auto")}
-    for key, cast in (("MAX_CONTENT_LENGTH", int), ("MAX_FILES", int), ("BATCH_MAX_SIZE", int),
-                      ("BATCH_WAIT_MS", float)):
+    for key, cast in (("MAX_CONTENT_LENGTH", int), ("MAX_FILES", int), ("MAX_PIXELS", int),
+                      ("BATCH_MAX_SIZE", int), ("BATCH_WAIT_MS", float), ("REQUEST_TIMEOUT_S", float),
+                      ("MAX_CONCURRENT_DECODES", int)):
         if os.environ.get(f"CAPTIONER_{key}"):
             config[key] = cast(os.environ[f"CAPTIONER_{key}"])
     return config

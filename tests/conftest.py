@@ -73,16 +73,20 @@ def image_bytes(img, fmt="JPEG", **kw):
     return buf.getvalue()
 
 
-def bomb_png(width=30000, height=30000):
-    """A few hundred bytes of PNG that claim width x height pixels: a decompression bomb's
-    header, for checking that such files are refused before decoding."""
+def png_1bit(width, height, rows=None):
+    """A 1-bit greyscale PNG of width x height. With `rows`, only that many rows of pixel data
+    are written (a header that lies); without, the full image, all black: at 30000x30000 a
+    decompression bomb that is a few hundred KB on disk."""
     import struct
     import zlib
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 4000)) + chunk(b"IEND", b""))
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height if rows is None else rows)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------- shared by the core tests

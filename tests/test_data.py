@@ -1,133 +1,208 @@
-"""Dataset readers: every layout gives the same records; bad data gives a clear DataError."""
+"""Dataset readers: every layout gives the same records; bad data gives a DataError naming
+the file (and line) at fault."""
 import json
 import logging
 
 import pytest
 
-from captioner.data import DataError, detect_format, read_dataset
+from captioner.data import DataError, assign_random_split, detect_format, read_dataset
 
 
 @pytest.fixture
-def images(tmp_path, photos):
+def images(tmp_path):
+    """An image folder; the readers only check that files exist, so they need not be photos."""
     folder = tmp_path / "images"
     folder.mkdir()
-    for name, img in photos.items():
-        img.save(folder / f"{name}.jpg")
+    for name in ("cat", "coffee", "rocket", "astronaut"):
+        (folder / f"{name}.jpg").write_bytes(b"\xff\xd8 stand-in")
     return folder
 
 
-def test_flickr8k_layout(tmp_path, images, caplog):
+def _summary(records):
+    return [(r.image.name, r.split, r.captions) for r in records]
+
+
+def test_flickr8k_layout_skips_missing_images(images, caplog):
     root = images.parent
-    lines = [f"cat.jpg#{i}\tA cat sits .\n" for i in range(5)] + ["coffee.jpg#0\tA cup of coffee .\n",
-             "rocket.jpg#0\tA rocket .\n", "ghost.jpg.1#0\tAn image that does not exist .\n"]
+    lines = [f"cat.jpg#{i}\tA cat sits .\n" for i in range(5)] + [
+        "coffee.jpg#0\tA cup of coffee .\n", "\n", "rocket.jpg#0\tA rocket .\n", "rocket.jpg#1\t  \n",
+        "astronaut.jpg#0\tA woman .\n",  # in no split file
+        "ghost.jpg.1#0\tAn image that does not exist .\n", "ghost2.jpg#0\tNor this one .\n"]
     (root / "Flickr8k.token.txt").write_text("".join(lines))
-    (root / "Flickr_8k.trainImages.txt").write_text("cat.jpg\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("cat.jpg\nghost2.jpg\n")
     (root / "Flickr_8k.devImages.txt").write_text("coffee.jpg\n")
     (root / "Flickr_8k.testImages.txt").write_text("rocket.jpg\n")
     assert detect_format(root) == "flickr8k"
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="captioner.data"):
         records = read_dataset(root)
-    assert "skipped 1 captioned images whose file is missing" in caplog.text
-    by_name = {r.image.name: r for r in records}
-    assert set(by_name) == {"cat.jpg", "coffee.jpg", "rocket.jpg"}
-    assert by_name["cat.jpg"].captions == ["A cat sits ."] * 5
-    assert [by_name[n].split for n in ("cat.jpg", "coffee.jpg", "rocket.jpg")] == ["train", "val", "test"]
+    assert "skipped 2 captioned images whose file is missing" in caplog.text
+    assert _summary(records) == [
+        ("cat.jpg", "train", ["A cat sits ."] * 5), ("coffee.jpg", "val", ["A cup of coffee ."]),
+        ("rocket.jpg", "test", ["A rocket ."]), ("astronaut.jpg", "", ["A woman ."])]
+    assert all(r.image.parent == images for r in records)
 
 
-def test_flickr8k_malformed_line(tmp_path, images):
-    (images.parent / "Flickr8k.token.txt").write_text("cat.jpg#0\tok\nno tab here\n")
-    with pytest.raises(DataError, match=r"Flickr8k.token.txt:2"):
-        read_dataset(images.parent)
+def test_flickr8k_original_folder_name_and_malformed_line(tmp_path, images):
+    images.rename(tmp_path / "Flicker8k_Dataset")  # the name in the original zip
+    (tmp_path / "Flickr8k.token.txt").write_text("cat.jpg#0\tA cat.\n")
+    (tmp_path / "Flickr_8k.trainImages.txt").write_text("cat.jpg\n")
+    records = read_dataset(tmp_path)
+    assert records[0].image == tmp_path / "Flicker8k_Dataset" / "cat.jpg"
+    (tmp_path / "Flickr8k.token.txt").write_text("cat.jpg#0\tok\nno tab here\n")
+    with pytest.raises(DataError, match=r"Flickr8k.token.txt:2: expected"):
+        read_dataset(tmp_path)
 
 
 def test_karpathy_json(tmp_path, images):
     data = {"images": [
-        {"filename": "cat.jpg", "split": "train", "sentences": [{"raw": "A cat."}, {"raw": "A tabby."}]},
+        {"filename": "cat.jpg", "split": "train", "sentences": [{"raw": "A cat."}, {"raw": " "}, {"raw": "A tabby."}]},
         {"filename": "coffee.jpg", "split": "val", "sentences": [{"raw": "Coffee."}]},
         {"filename": "rocket.jpg", "split": "restval", "sentences": [{"raw": "A rocket."}]},
+        {"filename": "astronaut.jpg", "split": "test", "sentences": []},  # no caption: left out
+        {"filename": "gone.jpg", "split": "test", "sentences": [{"raw": "Gone."}]},  # no file: left out
     ]}
-    path = tmp_path / "dataset_test.json"
+    path = images.parent / "dataset_flickr8k.json"
     path.write_text(json.dumps(data))
-    assert detect_format(path) == "karpathy"
-    records = read_dataset(path)
-    assert [(r.image.name, r.split, len(r.captions)) for r in records] == \
-        [("cat.jpg", "train", 2), ("coffee.jpg", "val", 1), ("rocket.jpg", "train", 1)]
+    assert detect_format(path) == "karpathy" and detect_format(path.parent) == "karpathy"
+    expected = [("cat.jpg", "train", ["A cat.", "A tabby."]), ("coffee.jpg", "val", ["Coffee."]),
+                ("rocket.jpg", "train", ["A rocket."])]
+    assert _summary(read_dataset(path)) == expected  # images/ beside the json is the default root
+    assert _summary(read_dataset(path.parent)) == expected
     path.write_text(json.dumps({"images": [{"split": "train", "sentences": []}]}))
-    with pytest.raises(DataError, match="images\\[0\\] lacks"):
+    with pytest.raises(DataError, match=r"dataset_flickr8k.json: images\[0\] lacks 'filename'"):
+        read_dataset(path)
+    path.write_text(json.dumps({"images": [{"filename": "cat.jpg", "split": "holdout", "sentences": []}]}))
+    with pytest.raises(DataError, match="unknown split 'holdout'"):
         read_dataset(path)
 
 
 def test_coco_json_with_image_root(tmp_path, images):
     data = {"images": [{"id": 1, "file_name": "cat.jpg"}, {"id": 2, "file_name": "astronaut.jpg"}],
             "annotations": [{"image_id": 1, "caption": "A cat."}, {"image_id": 2, "caption": "A woman."},
-                            {"image_id": 1, "caption": "A cat on a chair."}]}
-    path = tmp_path / "ann" / "captions_val2014.json"
+                            {"image_id": 1, "caption": "A cat on a chair."}, {"image_id": 2, "caption": " "}]}
+    path = tmp_path / "annotations" / "captions_val2014.json"
     path.parent.mkdir()
     path.write_text(json.dumps(data))
-    records = read_dataset(path, images=images)
-    assert [(r.image.name, r.split, r.captions) for r in records] == [
+    assert detect_format(path) == "coco"
+    assert _summary(read_dataset(path, images=images)) == [
         ("cat.jpg", "val", ["A cat.", "A cat on a chair."]), ("astronaut.jpg", "val", ["A woman."])]
+    train_path = path.with_name("captions_train2014.json")
+    train_path.write_text(json.dumps(data))
+    assert {r.split for r in read_dataset(train_path, images=images)} == {"train"}
+    with pytest.raises(DataError, match="empty"):  # without the root, no image is found
+        read_dataset(path)
+    path.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
+    with pytest.raises(DataError, match=r"captions_val2014.json: not COCO captions layout \(missing 'file_name'\)"):
+        read_dataset(path, images=images)
 
 
-def test_csv_with_random_split(tmp_path, images):
-    rows = ["image,caption"] + [f"{n}.jpg,caption {i} of {n}" for n in ["cat", "coffee", "rocket", "astronaut"]
-                                for i in range(2)]
+def test_csv_several_rows_per_image_and_seeded_split(tmp_path, images):
+    names = ["cat", "coffee", "rocket", "astronaut"]
+    rows = ["image,caption"] + [f"{n}.jpg,\"caption {i}, of {n}\"" for i in range(3) for n in names]
     path = images / "data.csv"
     path.write_text("\n".join(rows) + "\n")
+    assert detect_format(path) == "csv"
     records = read_dataset(path, seed=1, val_fraction=0.25)
-    assert len(records) == 4 and all(len(r.captions) == 2 for r in records)
+    assert [r.image.name for r in records] == [f"{n}.jpg" for n in names]  # first-seen order
+    assert records[0].captions == ["caption 0, of cat", "caption 1, of cat", "caption 2, of cat"]
     assert sorted(r.split for r in records) == ["train", "train", "train", "val"]
     again = read_dataset(path, seed=1, val_fraction=0.25)
-    assert [r.split for r in again] == [r.split for r in records]  # seeded
+    assert [r.split for r in again] == [r.split for r in records]
+    # The same CSV with a split column keeps it; "dev" means val.
+    rows = ["image,caption,split"] + [f"{n}.jpg,a {n},{'dev' if n == 'cat' else 'train'}" for n in names]
+    path.write_text("\n".join(rows) + "\n")
+    assert [r.split for r in read_dataset(path)] == ["val", "train", "train", "train"]
 
 
-def test_csv_errors(tmp_path, images):
+def test_random_split_is_seeded_and_by_image(tmp_path):
+    for i in range(40):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x")
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"image": f"{i}.jpg", "caption": f"picture {i} version {v}"}) + "\n"
+                            for v in range(2) for i in range(40)))
+    splits = {seed: [r.split for r in read_dataset(path, seed=seed, val_fraction=0.1)] for seed in (0, 0, 1)}
+    assert len(splits[0]) == 40 and splits[0].count("val") == 4
+    assert splits[0] == [r.split for r in read_dataset(path, seed=0, val_fraction=0.1)]
+    assert splits[0] != splits[1]  # another seed, another split
+    assert [r.split for r in read_dataset(path, seed=0, val_fraction=0.5)].count("val") == 20
+    from captioner.data import Record
+    assert [r.split for r in assign_random_split([Record(tmp_path / "0.jpg")])] == ["train"]  # one image: no val
+    two = assign_random_split([Record(tmp_path / "0.jpg"), Record(tmp_path / "1.jpg")], val_fraction=0.01)
+    assert sorted(r.split for r in two) == ["train", "val"]  # at least one val image
+
+
+def test_csv_errors_name_file_and_line(images):
     path = images / "bad.csv"
-    path.write_text("file,text\ncat.jpg,a cat\n")
-    with pytest.raises(DataError, match=r"bad.csv:1: missing column\(s\) caption, image"):
-        read_dataset(path)
-    path.write_text("image,caption\ncat.jpg,a cat\ncoffee.jpg,\n")
-    with pytest.raises(DataError, match=r"bad.csv:3: empty caption"):
-        read_dataset(path)
-    path.write_text("image,caption\n")
-    with pytest.raises(DataError, match="empty"):
-        read_dataset(path)
-    path.write_text("image,caption\nmissing.jpg,a thing\n")
-    with pytest.raises(DataError, match="empty"):
-        read_dataset(path)
+    cases = {
+        "file,text\ncat.jpg,a cat\n": r"bad.csv:1: missing column\(s\) caption, image",
+        "image,text\ncat.jpg,a cat\n": r"bad.csv:1: missing column\(s\) caption",
+        "": r"bad.csv:1: missing column",
+        "image,caption\ncat.jpg,a cat\ncoffee.jpg,\n": r"bad.csv:3: empty caption for coffee.jpg",
+        "image,caption\ncat.jpg,a cat\n,a thing\n": r"bad.csv:3: empty image name",
+        "image,caption,split\ncat.jpg,a cat,train\ncoffee.jpg,a cup,\n": r"bad.csv: some rows have a split",
+        "image,caption,split\ncat.jpg,a cat,holdout\n": r"unknown split 'holdout'",
+        "image,caption\n": r"bad.csv: the dataset is empty",
+        "image,caption\nmissing.jpg,a thing\n": r"bad.csv: the dataset is empty",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_dataset(path)
 
 
-def test_jsonl_and_its_errors(tmp_path, images):
+def test_jsonl_and_its_errors(images):
     path = images / "data.jsonl"
     path.write_text('{"image": "cat.jpg", "caption": "a cat", "split": "train"}\n\n'
-                    '{"image": "coffee.jpg", "caption": "a cup", "split": "test"}\n')
-    assert [(r.image.name, r.split) for r in read_dataset(path)] == [("cat.jpg", "train"), ("coffee.jpg", "test")]
-    path.write_text('{"image": "cat.jpg", "caption": "a cat"}\n{not json}\n')
-    with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
-        read_dataset(path)
-    path.write_text('{"image": "cat.jpg"}\n')
-    with pytest.raises(DataError, match=r"data.jsonl:1: each line needs"):
-        read_dataset(path)
+                    '{"image": "coffee.jpg", "caption": "a cup", "split": "test"}\n'
+                    '{"image": "cat.jpg", "caption": "a tabby", "split": "train"}\n')
+    assert detect_format(path) == "jsonl"
+    assert _summary(read_dataset(path)) == [("cat.jpg", "train", ["a cat", "a tabby"]),
+                                            ("coffee.jpg", "test", ["a cup"])]
+    cases = {
+        '{"image": "cat.jpg", "caption": "a cat"}\n{not json}\n': r"data.jsonl:2: not valid JSON",
+        '{"image": "cat.jpg"}\n': r"data.jsonl:1: each line needs \"image\" and \"caption\"",
+        '["cat.jpg", "a cat"]\n': r"data.jsonl:1: each line needs",
+        '{"image": "cat.jpg", "caption": "a cat"}\n\n{"image": "coffee.jpg", "caption": ""}\n':
+            r"data.jsonl:3: empty caption for coffee.jpg",
+        "\n\n": r"data.jsonl: the dataset is empty",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_dataset(path)
 
 
-def test_folder_of_images_with_txt(tmp_path, images):
+def test_folder_of_images_with_txt(images):
     (images / "cat.txt").write_text("a cat\n\na striped cat\n")
     (images / "rocket.txt").write_text("a rocket\n")
-    records = read_dataset(images)
-    assert {r.image.name: r.captions for r in records} == {"cat.jpg": ["a cat", "a striped cat"],
-                                                           "rocket.jpg": ["a rocket"]}
-    assert {r.split for r in records} == {"train", "val"}
+    (images / "sub").mkdir()
+    (images / "sub" / "deep.PNG").write_bytes(b"x")
+    (images / "sub" / "deep.txt").write_text("a deep picture")
+    assert detect_format(images) == "folder"
+    records = read_dataset(images, seed=0)
+    assert {r.image.name: r.captions for r in records} == {
+        "cat.jpg": ["a cat", "a striped cat"], "rocket.jpg": ["a rocket"], "deep.PNG": ["a deep picture"]}
+    assert sorted(r.split for r in records) == ["train", "train", "val"]
     (images / "coffee.txt").write_text("\n")
     with pytest.raises(DataError, match="coffee.txt: empty caption file"):
+        read_dataset(images)
+    for txt in images.rglob("*.txt"):
+        txt.unlink()
+    with pytest.raises(DataError, match="images: the dataset is empty"):
         read_dataset(images)
 
 
 def test_unknown_inputs(tmp_path):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="dataset not found"):
         read_dataset(tmp_path / "nothing.csv")
     (tmp_path / "x.json").write_text('{"foo": 1}')
-    with pytest.raises(DataError, match="neither Karpathy"):
+    with pytest.raises(DataError, match="x.json: JSON is neither Karpathy"):
         read_dataset(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text('{"images": [')
+    with pytest.raises(DataError, match="y.json: not valid JSON"):
+        read_dataset(tmp_path / "y.json")
     (tmp_path / "x.xml").write_text("<a/>")
     with pytest.raises(DataError, match="pass --format"):
         read_dataset(tmp_path / "x.xml")
+    with pytest.raises(DataError, match="unknown dataset format 'xml'"):
+        read_dataset(tmp_path / "x.xml", format="xml")

@@ -41,7 +41,7 @@ def server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("gunicorn") / "server.log"
     # A long batching window keeps requests in flight long enough for the SIGTERM test.
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("metrics")),
-           "CAPTIONER_BATCH_WAIT_MS": "400"}
+           "CAPTIONER_BATCH_WAIT_MS": "400", "CAPTIONER_MAX_CONTENT_LENGTH": str(1024 * 1024)}
     with open(log, "w") as out:
         proc = subprocess.Popen([str(CAPTIONER), "serve", "--port", str(port), "--workers", "2",
                                  "--weights", str(tiny_checkpoint), "--device", "cpu"],
@@ -101,6 +101,23 @@ def test_burst_of_mixed_requests(server, photos):
     ok = sum(float(line.split()[-1]) for line in text.splitlines()
              if line.startswith('captioner_http_requests_total{route="/v1/captions",status="200"}'))
     assert ok == len(good_results)
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    """No Content-Length to refuse up front: the limit must hold while the body streams in."""
+    import http.client
+
+    base, proc, log = server
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    try:
+        chunks = (b"\xff" * 65536 for _ in range(17))  # 1.06 MB against a 1 MB limit
+        conn.request("POST", "/v1/captions", body=chunks, headers={"Content-Type": "image/jpeg"})
+        response = conn.getresponse()
+        assert response.status == 413, response.read()
+        assert b'"too_large"' in response.read()
+    finally:
+        conn.close()
+    assert request(base + "/readyz")[0] == 200
 
 
 def test_sigterm_lets_in_flight_requests_finish(server, photos):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import bomb_png, image_bytes
+from conftest import image_bytes, png_1bit
 from server.app import create_app
 
 
@@ -86,13 +86,13 @@ def test_bad_images_are_400(client, photos):
         "random.bin": np.random.default_rng(0).bytes(3000),
         "truncated.jpg": good[: len(good) // 3],
         "text.png": b"just some text",
-        "bomb.png": bomb_png(),
+        "bomb.png": png_1bit(30000, 30000),
     }
     codes = {"empty.jpg": "empty_file"}
     for name, data in cases.items():
         message = assert_error(post(client, [(name, data, None)]), 400, codes.get(name, "invalid_image"))
         assert name in message
-    assert "too large" in assert_error(post(client, [("bomb.png", bomb_png(), None)]), 400)
+    assert "too large" in assert_error(post(client, [("bomb.png", png_1bit(30000, 30000), None)]), 400)
     # One bad file fails the request and names the file; nothing is half-done.
     assert "bad.jpg" in assert_error(post(client, [("ok.jpg", good, None), ("bad.jpg", b"nope", None)]), 400)
 
@@ -109,6 +109,50 @@ def test_request_shape_errors(client, photos):
     big = np.random.default_rng(0).bytes(3 * 1024 * 1024)
     assert_error(client.post("/v1/captions", data=big, content_type="image/jpeg"), 413, "too_large")
     assert_error(post(client, [("big.jpg", big, None)]), 413)
+
+
+def test_chunked_body_over_the_limit_is_413(client, photos):
+    """A chunked body has no Content-Length for werkzeug to check up front, and werkzeug
+    silently cuts it off at the limit; the app must still answer 413, not caption a stub."""
+    chunked = {"wsgi.input_terminated": True}  # what gunicorn says for a chunked body
+    big = np.random.default_rng(0).bytes(3 * 1024 * 1024)
+    r = client.post("/v1/captions", input_stream=io.BytesIO(big), content_type="image/jpeg",
+                    headers={"Transfer-Encoding": "chunked"}, environ_base=chunked)
+    assert_error(r, 413, "too_large")
+    good = image_bytes(photos["cat"])
+    r = client.post("/v1/captions", input_stream=io.BytesIO(good), content_type="image/jpeg",
+                    headers={"Transfer-Encoding": "chunked"}, environ_base=chunked)
+    assert r.status_code == 200, r.get_json()
+
+
+def test_image_decoding_takes_turns(tiny_captioner, photos, monkeypatch):
+    """At most MAX_CONCURRENT_DECODES images are decoded at once per worker, so a burst of
+    huge (but legal) images cannot take a worker's memory all at once."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import server.app
+
+    app = create_app({"CAPTIONER": tiny_captioner, "MAX_CONCURRENT_DECODES": 2})
+    lock, now, peak = threading.Lock(), [0], [0]
+    real_load_image = server.app.load_image
+
+    def slow_load_image(*a, **k):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.05)
+        try:
+            return real_load_image(*a, **k)
+        finally:
+            with lock:
+                now[0] -= 1
+    monkeypatch.setattr(server.app, "load_image", slow_load_image)
+    data = image_bytes(photos["cat"].resize((64, 64)))
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda _: post(app.test_client(), [("c.jpg", data, None)]).status_code, range(6)))
+    assert statuses == [200] * 6 and peak[0] == 2
 
 
 @pytest.mark.parametrize("query,option", [

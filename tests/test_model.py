@@ -1,0 +1,193 @@
+"""The Show-and-Tell decoder and its greedy and beam search."""
+import math
+
+import pytest
+import torch
+from conftest import train_decoder
+
+from captioner.inference import decode_features
+from captioner.model import BANNED_IDS, CaptionDecoder, CaptionModel, ModelConfig, beam_search, greedy_search
+from captioner.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+
+CAPTIONS = ["a cat sits on the chair", "a rocket on the launch pad", "a cup of coffee", "two dogs play in the snow"]
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """A decoder (hidden 64) trained on random feature vectors -> distinct captions."""
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    features = torch.randn(len(CAPTIONS), 16, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=32, hidden_dim=64, dropout=0.0)
+    decoder = train_decoder(CaptionDecoder(config), features, CAPTIONS, vocab, steps=150)
+    return decoder, vocab, features
+
+
+@pytest.fixture(scope="module")
+def random_decoder():
+    torch.manual_seed(3)
+    config = ModelConfig(vocab_size=30, feature_dim=16, embed_dim=16, hidden_dim=32, dropout=0.0)
+    return CaptionDecoder(config).eval()
+
+
+def _copy(decoder):
+    clone = CaptionDecoder(decoder.config).eval()
+    clone.load_state_dict(decoder.state_dict())
+    return clone
+
+
+def _sequence_log_prob(decoder, feature, ids):
+    """Teacher-forced log-probability of <START> ids <END> under `decoder`."""
+    tokens = torch.tensor([[START_ID] + ids + [END_ID]])
+    with torch.no_grad():
+        logp = decoder(feature.unsqueeze(0), tokens[:, :-1]).log_softmax(-1)
+    return logp[0].gather(1, tokens[0, 1:].unsqueeze(1)).sum().item()
+
+
+def test_trained_decoder_says_its_captions_and_stops(synthetic):
+    decoder, vocab, features = synthetic
+    greedy = greedy_search(decoder, features, max_length=20)
+    beam = beam_search(decoder, features, beam_size=3, max_length=20)
+    assert [vocab.decode(h[0][0]) for h in greedy] == CAPTIONS
+    assert [vocab.decode(h[0][0]) for h in beam] == CAPTIONS
+    # It stopped because it chose <END>, not because it ran out of room (max_length 20),
+    # and the reported log-prob is that of the caption followed by <END>.
+    for f, hyps in zip(features, beam):
+        ids, log_prob, score = hyps[0]
+        assert len(ids) < 20
+        assert log_prob == pytest.approx(_sequence_log_prob(decoder, f, ids), abs=1e-4)
+        assert log_prob > math.log(0.5)  # a confident model
+        assert score == pytest.approx(log_prob / (len(ids) + 1) ** 0.7, abs=1e-5)
+
+
+@pytest.mark.parametrize("cell,layers", [("gru", 2), ("rnn", 1)])
+def test_other_cells_learn_too(cell, layers):
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    features = torch.randn(len(CAPTIONS), 16, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=32, hidden_dim=64, num_layers=layers,
+                         cell=cell, dropout=0.0)
+    decoder = train_decoder(CaptionDecoder(config), features, CAPTIONS, vocab, steps=150)
+    assert [vocab.decode(h[0][0]) for h in beam_search(decoder, features, beam_size=2)] == CAPTIONS
+
+
+def test_greedy_equals_beam_size_one(synthetic, random_decoder):
+    for decoder, dim in ((random_decoder, 16), (synthetic[0], 16)):
+        features = torch.randn(6, dim, generator=torch.Generator().manual_seed(2))
+        greedy = greedy_search(decoder, features, max_length=12)
+        beam = beam_search(decoder, features, beam_size=1, max_length=12)
+        assert len(greedy) == len(beam) == 6
+        for (g,), (b,) in zip(greedy, beam):
+            assert g[0] == b[0]  # same tokens
+            assert g[1] == pytest.approx(b[1], abs=1e-4)  # same log-prob
+            assert g[2] == pytest.approx(b[2], abs=1e-4)  # same normalised score
+
+
+def test_beam_search_n_best_sorted_distinct_and_batched(random_decoder):
+    features = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    results = beam_search(random_decoder, features, beam_size=5, n_best=5, max_length=10)
+    assert len(results) == 4
+    for f, image in zip(features, results):
+        assert len(image) == 5
+        scores = [s for _, _, s in image]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(ids) for ids, _, _ in image}) == 5
+        for ids, log_prob, score in image:
+            assert 1 <= len(ids) <= 10 and log_prob < 0
+            assert not set(ids) & {PAD_ID, START_ID, END_ID, UNK_ID}
+            if len(ids) < 10:  # ended by choice: the log-prob is the sequence's, <END> included
+                assert log_prob == pytest.approx(_sequence_log_prob(random_decoder, f, ids), abs=1e-4)
+    # n_best=2 gives the first two of the same search; an image alone gets what it got in the batch.
+    top2 = beam_search(random_decoder, features, beam_size=5, n_best=2, max_length=10)
+    assert [[h[0] for h in r] for r in top2] == [[h[0] for h in r[:2]] for r in results]
+    alone = beam_search(random_decoder, features[2:3], beam_size=5, n_best=5, max_length=10)
+    assert [ids for ids, _, _ in alone[0]] == [ids for ids, _, _ in results[2]]
+
+
+def test_unk_never_emitted_even_when_preferred(random_decoder):
+    decoder = _copy(random_decoder)
+    with torch.no_grad():
+        decoder.out.bias[UNK_ID] = 100.0  # the model wants <UNK> at every step
+        decoder.out.bias[PAD_ID] = 90.0
+        decoder.out.bias[START_ID] = 80.0
+    features = torch.randn(3, 16)
+    results = beam_search(decoder, features, beam_size=4, n_best=4, max_length=7) + \
+        greedy_search(decoder, features, max_length=7)
+    for hyps in results:
+        for ids, log_prob, _ in hyps:
+            assert not set(ids) & set(BANNED_IDS)
+            assert 1 <= len(ids) <= 7 and math.isfinite(log_prob)
+
+
+def test_max_length_respected(random_decoder):
+    decoder = _copy(random_decoder)
+    with torch.no_grad():
+        decoder.out.bias[END_ID] = -100.0  # never wants to stop
+    features = torch.randn(3, 16)
+    for max_length in (1, 5):
+        for hyps in beam_search(decoder, features, beam_size=3, n_best=3, max_length=max_length) + \
+                greedy_search(decoder, features, max_length=max_length):
+            assert [len(ids) for ids, _, _ in hyps] == [max_length] * len(hyps)
+
+
+def test_at_least_one_word(random_decoder):
+    decoder = _copy(random_decoder)
+    with torch.no_grad():
+        decoder.out.bias[END_ID] = 100.0  # wants to stop straight away
+    features = torch.randn(3, 16)
+    for hyps in beam_search(decoder, features, beam_size=3, n_best=3) + greedy_search(decoder, features):
+        assert all(len(ids) == 1 for ids, _, _ in hyps)
+
+
+def test_beam_wider_than_vocabulary():
+    vocab = Vocabulary.build(["dog cat"], min_count=1)  # two words: fewer choices than beams
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(ModelConfig(vocab_size=len(vocab), feature_dim=8, embed_dim=8, hidden_dim=8,
+                                         dropout=0.0)).eval()
+    hyps = beam_search(decoder, torch.randn(2, 8), beam_size=5, n_best=5, max_length=3)
+    for image in hyps:
+        assert image and all(math.isfinite(lp) and set(ids) <= {4, 5} for ids, lp, _ in image)
+        assert len({tuple(ids) for ids, _, _ in image}) == len(image)
+
+
+def test_decode_features_result_shape_and_validation(synthetic):
+    decoder, vocab, features = synthetic
+    model = type("M", (), {"decoder": decoder})()
+    results = decode_features(model, vocab, features, beam_size=3, n_best=3)
+    assert [r["caption"] for r in results] == CAPTIONS
+    for r in results:
+        assert set(r) == {"caption", "score", "log_prob", "alternatives"} and len(r["alternatives"]) == 2
+        assert all(r["score"] >= a["score"] for a in r["alternatives"])
+    assert decode_features(model, vocab, features, beam_size=1)[0]["alternatives"] == []
+    for kwargs in ({"beam_size": 0}, {"beam_size": 11}, {"beam_size": 2, "n_best": 3}, {"max_length": 0}):
+        with pytest.raises(ValueError):
+            decode_features(model, vocab, features, **kwargs)
+
+
+def test_decoder_shapes_and_state_layout():
+    for cell, layers in (("lstm", 2), ("gru", 3), ("rnn", 1)):
+        config = ModelConfig(vocab_size=11, feature_dim=6, embed_dim=5, hidden_dim=7, num_layers=layers, cell=cell)
+        decoder = CaptionDecoder(config).eval()
+        state = decoder.init_state(torch.randn(4, 6))
+        h = state[0] if cell == "lstm" else state
+        assert h.shape == (layers, 4, 7)
+        assert decoder(torch.randn(4, 6), torch.ones(4, 9, dtype=torch.long)).shape == (4, 9, 11)
+        logp, _ = decoder.step(torch.ones(4, dtype=torch.long), state)
+        assert logp.shape == (4, 11) and torch.allclose(logp.exp().sum(-1), torch.ones(4))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="cell"):
+        ModelConfig(vocab_size=10, cell="transformer")
+    with pytest.raises(ValueError, match="num_layers"):
+        ModelConfig(vocab_size=10, num_layers=0)
+    config = ModelConfig(vocab_size=10, embed_dim=4, hidden_dim=4)
+    assert ModelConfig(**config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown encoder"):
+        CaptionModel(ModelConfig(vocab_size=10, encoder="resnet50"), pretrained_encoder=False)
+
+
+def test_caption_model_encoder_is_frozen(tiny_model):
+    assert not any(p.requires_grad for p in tiny_model.encoder.parameters())
+    assert all(p.requires_grad for p in tiny_model.decoder.parameters())
+    assert tiny_model.encoder_tuned is False

@@ -1,0 +1,181 @@
+"""End-to-end `captioner train` and `captioner evaluate` on a generated dataset."""
+import json
+import logging
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from captioner import Captioner, metrics
+from captioner.checkpoint import read_checkpoint
+from captioner.cli import main
+from captioner.train import lr_factor
+
+CAPTIONS = {
+    "cat": ["a cat sits on a chair", "an orange cat looks ahead"],
+    "coffee": ["a cup of coffee on a table", "a red cup with coffee"],
+    "rocket": ["a rocket on the launch pad", "a space shuttle ready to launch"],
+    "astronaut": ["a woman in a space suit", "an astronaut smiles at the camera"],
+}
+TIMING = {"train_time_s", "captions_per_s", "epoch_time_s"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, photos):
+    """data.csv with several rows per image, a split column (astronaut is val) and one
+    unreadable image. Shared by the module so image features are computed once: do not modify."""
+    folder = tmp_path_factory.mktemp("train-data")
+    rows = ["image,caption,split"]
+    for name, img in photos.items():
+        img.save(folder / f"{name}.jpg")
+        split = "val" if name == "astronaut" else "train"
+        rows += [f"{name}.jpg,{c},{split}" for c in CAPTIONS[name]]
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows.append("broken.jpg,a picture that cannot be read,train")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    return folder / "data.csv"
+
+
+def train(dataset, out, cache, *extra):
+    args = ["train", "--data", dataset, "--out", out, "--cache-dir", cache, "--embed-dim", 32, "--hidden-dim", 32,
+            "--min-word-count", 1, "--batch-size", 4, "--workers", 0, "--lr", 5e-3, *extra]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_train_then_resume_equals_a_straight_run(tmp_path, dataset, feature_cache, caplog):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with caplog.at_level(logging.WARNING):
+        result = train(dataset, resumed, feature_cache, "--epochs", 2, "--lr-decay-epochs", 30)
+    # The unreadable image was skipped and counted, not a crash.
+    assert "skipped 1 unreadable images" in caplog.text and "broken.jpg" in caplog.text
+    assert "best val CIDEr" in result.output
+    for name in ("best.safetensors", "last.safetensors", "train_state.pt", "metrics.jsonl", "curves.png"):
+        assert (resumed / name).is_file(), name
+    assert Image.open(resumed / "curves.png").format == "PNG"
+    rows = _rows(resumed)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "lr", "val_CIDEr", "val_BLEU-1", "val_BLEU-4", "epoch_time_s", "skipped_images"} \
+        <= rows[0].keys()
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert [r["lr"] for r in rows] == pytest.approx([5e-3, 5e-3 * lr_factor(1, 30)])
+    config, vocab, tensors, info = read_checkpoint(resumed / "last.safetensors")
+    assert (config.embed_dim, config.hidden_dim, config.cell) == (32, 32, "lstm")
+    assert info["epoch"] == 2 and info["train_images"] == 4  # broken.jpg is listed but yields no features
+    assert "cat" in vocab.stoi and "cannot" in vocab.stoi  # vocabulary from the train captions, min count 1
+    assert all(k.startswith("decoder.") for k in tensors)
+
+    # A run stopped after logging epoch 3 but before saving its state logs epoch 3 once.
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**rows[-1], "epoch": 3}) + "\n")
+    train(dataset, resumed, feature_cache, "--epochs", 3, "--resume")  # keeps --lr-decay-epochs 30
+    assert [r["epoch"] for r in _rows(resumed)] == [1, 2, 3]  # appended, numbering continued
+    assert read_checkpoint(resumed / "last.safetensors")[3]["epoch"] == 3
+
+    train(dataset, straight, feature_cache, "--epochs", 3, "--lr-decay-epochs", 30)
+    assert _without_timing(_rows(straight)) == _without_timing(_rows(resumed))
+    a, b = load_file(str(straight / "last.safetensors")), load_file(str(resumed / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    # A trained checkpoint captions photos through the public API.
+    result = Captioner.from_pretrained(straight / "best.safetensors", device="cpu").caption(dataset.parent / "cat.jpg")
+    assert result["caption"] and set(result["caption"].split()) <= set(vocab.itos)
+
+
+def test_evaluate_writes_scores_and_captions(tmp_path, dataset, feature_cache, monkeypatch):
+    # The Java scorers (PTB tokenizer, METEOR) take seconds per call; test_metrics covers them.
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 1)
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(run / "best.safetensors"), "--data",
+                                       str(dataset), "--split", "val", "--output", str(out), "--workers", "0",
+                                       "--beam-size", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["split"] == "val" and report["beam_size"] == 2 and report["images"] == 1
+    assert report["failed"] == {}
+    assert {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "tokenizer"} <= report["scores"].keys()
+    assert all(0 <= v for k, v in report["scores"].items() if k != "tokenizer")
+    [caption] = report["captions"]
+    assert caption["image"].endswith("astronaut.jpg") and caption["caption"]
+    assert caption["references"] == CAPTIONS["astronaut"]
+    assert "CIDEr" in result.output and f"written to {out}" in result.output
+    assert report["scores"]["tokenizer"] == "simple" and "Java not found" in result.stderr
+    # The train split holds the unreadable image: reported as failed, not scored, no crash.
+    result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(run / "best.safetensors"), "--data",
+                                       str(dataset), "--split", "train", "--workers", "0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "scores-train.json").read_text())  # default: beside the checkpoint
+    assert report["images"] == 3 and list(report["failed"]) == [str(dataset.parent / "broken.jpg")]
+    result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(run / "best.safetensors"), "--data",
+                                       str(dataset), "--split", "test", "--workers", "0"])
+    assert result.exit_code == 1 and "no images in split 'test'" in result.output
+
+
+@pytest.mark.parametrize("extra", [["--cell", "gru"], ["--cell", "rnn"], ["--num-layers", "2"],
+                                   ["--cell", "gru", "--num-layers", "2", "--beam-size", "1"]])
+def test_other_cells_and_layers_train(tmp_path, dataset, feature_cache, extra):
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 1, *extra)
+    [row] = _rows(run)
+    assert row["epoch"] == 1 and row["train_loss"] > 0
+    config = read_checkpoint(run / "best.safetensors")[0]
+    assert config.cell == (extra[1] if extra[0] == "--cell" else "lstm")
+    assert config.num_layers == (2 if "--num-layers" in extra else 1)
+    captioner = Captioner.from_pretrained(run / "best.safetensors", device="cpu")
+    assert captioner.model.decoder.rnn.num_layers == config.num_layers
+    assert captioner.caption(dataset.parent / "rocket.jpg", beam_size=2)["caption"]
+
+
+def test_clear_errors(tmp_path, dataset, feature_cache):
+    def invoke(*args):
+        return CliRunner().invoke(main, ["train", *map(str, args), "--cache-dir", str(feature_cache)])
+
+    result = invoke("--data", dataset, "--out", tmp_path / "new", "--resume")
+    assert result.exit_code == 1 and "no" in result.output and "train_state.pt" in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("img,text\n")
+    result = invoke("--data", bad, "--out", tmp_path / "x")
+    assert result.exit_code == 1 and "bad.csv:1: missing column" in result.output
+    one = tmp_path / "one.csv"
+    one.write_text(f"image,caption,split\n{dataset.parent / 'cat.jpg'},a cat,train\n")
+    result = invoke("--data", one, "--out", tmp_path / "y")
+    assert result.exit_code == 1 and "no validation images" in result.output
+    result = invoke("--data", dataset, "--out", tmp_path / "z", "--cell", "transformer")
+    assert result.exit_code == 2
+
+
+def test_learning_rate_schedule():
+    assert lr_factor(0, 30) == 1.0
+    assert lr_factor(15, 30) == pytest.approx(0.05 + 0.95 / 2)
+    assert lr_factor(30, 30) == pytest.approx(0.05) and lr_factor(45, 30) == pytest.approx(0.05)  # flat after
+    factors = [lr_factor(e, 10) for e in range(12)]
+    assert factors == sorted(factors, reverse=True)
+    assert lr_factor(0, 1) == 1.0 and lr_factor(1, 1) == pytest.approx(0.05)
+
+
+def test_fine_tune_encoder_trains_and_stores_the_encoder(tmp_path, dataset, feature_cache):
+    from captioner.checkpoint import load_model
+    from captioner.encoder import load_encoder
+
+    run = tmp_path / "ft"
+    train(dataset, run, feature_cache, "--epochs", 1, "--fine-tune-encoder", "--encoder-lr", 1e-3)
+    model, _, _ = load_model(run / "last.safetensors")
+    assert model.encoder_tuned
+    assert not torch.equal(model.encoder._conv_stem.weight, load_encoder()._conv_stem.weight)  # it learned
+    train(dataset, run, feature_cache, "--epochs", 2, "--fine-tune-encoder", "--encoder-lr", 1e-3, "--resume")
+    assert [r["epoch"] for r in _rows(run)] == [1, 2]
