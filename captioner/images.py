@@ -79,14 +79,16 @@ def load_image(source, max_pixels=MAX_PIXELS):
 
 
 def _to_rgb(img):
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        # 16-bit and float images: Pillow's convert("L") clips at 255, so scale instead.
+    if img.mode.startswith("I;16"):  # Pillow's convert("L") clips 16-bit values at 255: scale
+        arr = np.asarray(img, dtype=np.float32) / 257.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):  # 32-bit int or float: guess the range from the data
         arr = np.asarray(img, dtype=np.float32)
         peak = float(arr.max()) if arr.size else 0.0
         if peak <= 1.0:
             arr = arr * 255.0
         elif peak > 255.0:
-            arr = arr / 257.0
+            arr = arr / (257.0 if peak <= 65535 else peak / 255.0)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

@@ -1,8 +1,8 @@
 """Tokenizer and vocabulary.
 
-Tokenizer: lower-case the text, then keep runs of letters and digits (with inner
-apostrophes, so "dog's" stays one word); every other character, punctuation included,
-splits words and is dropped. "A dog's ball, red." -> ["a", "dog's", "ball", "red"].
+Tokenizer: lower-case the text, then keep runs of letters and digits of any script (with
+inner apostrophes, so "dog's" stays one word); every other character, punctuation
+included, splits words and is dropped. "A dog's ball, red." -> ["a", "dog's", "ball", "red"].
 Dropping punctuation matches how captions are scored (the PTB tokenizer of coco-caption
 removes it) and keeps the model from spending steps on stray full stops.
 """
@@ -14,7 +14,7 @@ PAD, START, END, UNK = "<PAD>", "<START>", "<END>", "<UNK>"
 SPECIAL_TOKENS = [PAD, START, END, UNK]
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
 
 def tokenize(text):

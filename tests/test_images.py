@@ -1,6 +1,5 @@
 """load_image: every odd but valid image is read right, every bad one is an ImageError."""
 import io
-import time
 
 import numpy as np
 import pytest
@@ -200,10 +199,8 @@ def test_decompression_bomb_refused_before_decoding(tmp_path, bomb, monkeypatch)
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     (tmp_path / "bomb.png").write_bytes(bomb)
     for source in (bomb, tmp_path / "bomb.png"):
-        t0 = time.perf_counter()
         with pytest.raises(ImageError, match="too large"):
             load_image(source)
-        assert time.perf_counter() - t0 < 1.0
     # Between our limit and twice it (where Pillow itself only warns) our own check refuses.
     with pytest.raises(ImageError, match="too large: 12000x10000 pixels"):
         load_image(png_1bit(12000, 10000, rows=1))
@@ -244,3 +241,9 @@ def test_formats_outside_the_allowed_list_are_refused(fmt):
     # EPS would be decoded by writing the bytes to a temp file and running Ghostscript.
     with pytest.raises(ImageError, match="not an image"):
         load_image(image_bytes(Image.new("RGB", (16, 16)), fmt))
+
+
+def test_dark_16_bit_image_stays_dark():
+    # Values up to 255 in a 16-bit image are near black, not mid-grey 8-bit values.
+    data = image_bytes(Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)), "PNG")
+    assert np.asarray(load_image(data)).max() <= 1

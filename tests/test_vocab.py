@@ -69,3 +69,7 @@ def test_invalid_vocabularies():
         Vocabulary(["<START>", "<PAD>", "<END>", "<UNK>"])
     with pytest.raises(ValueError, match="duplicate"):
         Vocabulary(SPECIAL_TOKENS + ["a", "a"])
+
+
+def test_tokenizer_keeps_letters_of_any_script():
+    assert tokenize("Un café, à Zürich!") == ["un", "café", "à", "zürich"]
