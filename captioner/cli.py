@@ -192,7 +192,8 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--workers", default=None, type=click.IntRange(0, 64))
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON file for the scores and every caption (default: scores-SPLIT.json beside the checkpoint).")
+              help="JSON file for the scores and every caption (default: scores-SPLIT.json beside "
+                   "--checkpoint, or in the current folder for the shipped weights).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
 def evaluate(checkpoint, data, fmt, images, split, beam_size, max_length, batch_size, device, workers, output,
@@ -204,8 +205,9 @@ def evaluate(checkpoint, data, fmt, images, split, beam_size, max_length, batch_
     from .inference import DEFAULT_WEIGHTS
 
     _setup_logging()
+    if output is None:  # beside a run's checkpoint; for the shipped weights, here (not in weights/)
+        output = (checkpoint.parent if checkpoint else Path(".")) / f"scores-{split}.json"
     checkpoint = checkpoint or DEFAULT_WEIGHTS
-    output = output or Path(checkpoint).with_name(f"scores-{split}.json")
     try:
         report = evaluate_checkpoint(checkpoint, data, split, fmt=fmt, images=images, beam_size=beam_size,
                                      max_length=max_length, batch_size=batch_size, device=device,
