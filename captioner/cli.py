@@ -65,7 +65,7 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
     from tqdm import tqdm
 
     from .checkpoint import CheckpointError
-    from .images import find_images, image_loader
+    from .images import find_images
     from .inference import Captioner
 
     if n_best > beam_size:
@@ -91,20 +91,16 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
     failures = 0
     try:
         with tqdm(total=len(files), desc="captioning", unit="img", file=sys.stderr) as bar:
-            for idx, pixels, errors in image_loader(files, batch_size, workers):
-                results = dict(zip(idx, captioner.caption_pixels(pixels, beam_size, n_best, max_length))) \
-                    if pixels is not None else {}
-                for i in sorted(set(idx) | set(errors)):
-                    if i in errors:
-                        failures += 1
-                        writer.write({"path": str(files[i]), "error": errors[i]})
-                    else:
-                        r = results[i]
-                        record = {"path": str(files[i]), "caption": r["caption"], "score": r["score"]}
-                        if n_best > 1 and fmt == "jsonl":
-                            record["alternatives"] = r["alternatives"]
-                        writer.write(record)
-                bar.update(len(idx) + len(errors))
+            for i, result, error in captioner.caption_files(files, beam_size, n_best, max_length, batch_size, workers):
+                if error is not None:
+                    failures += 1
+                    writer.write({"path": str(files[i]), "error": error})
+                else:
+                    record = {"path": str(files[i]), "caption": result["caption"], "score": result["score"]}
+                    if n_best > 1 and fmt == "jsonl":
+                        record["alternatives"] = result["alternatives"]
+                    writer.write(record)
+                bar.update()
     finally:
         if output:
             stream.close()

@@ -2,7 +2,6 @@
 import time
 
 from .data import normalise_split, read_dataset
-from .images import image_loader
 from .inference import Captioner
 from .metrics import score_captions
 
@@ -22,12 +21,12 @@ def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None,
     t0 = time.time()
     paths = [r.image for r in records]
     with tqdm(total=len(records), desc=f"captioning {split}", unit="img") as bar:
-        for idx, pixels, errors in image_loader(paths, batch_size, num_workers):
-            failed.update({str(paths[i]): e for i, e in errors.items()})
-            if pixels is not None:
-                for i, result in zip(idx, captioner.caption_pixels(pixels, beam_size, 1, max_length)):
-                    predictions[str(paths[i])] = result["caption"]
-            bar.update(len(idx) + len(errors))
+        for i, result, error in captioner.caption_files(paths, beam_size, 1, max_length, batch_size, num_workers):
+            if error is not None:
+                failed[str(paths[i])] = error
+            else:
+                predictions[str(paths[i])] = result["caption"]
+            bar.update()
     elapsed = time.time() - t0
     references = {str(r.image): r.captions for r in records if str(r.image) in predictions}
     scores = score_captions(predictions, references)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_model
-from .images import load_image, preprocess
+from .images import image_loader, load_image, preprocess
 from .model import beam_search, greedy_search
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "model.safetensors"
@@ -81,6 +81,16 @@ class Captioner:
         """Caption a batch of preprocessed images; one result dict each."""
         features = self.encode_images(pixels)
         return decode_features(self.model, self.vocab, features, beam_size, n_best, max_length)
+
+    def caption_files(self, paths, beam_size=3, n_best=1, max_length=20, batch_size=32, num_workers=None):
+        """Caption image files in batches while worker processes decode the next batch.
+        Yields (index into paths, result dict or None, error message or None) for every
+        file, in order: an unreadable file gets its error and the rest go on."""
+        for idx, pixels, errors in image_loader(paths, batch_size, num_workers):
+            results = dict(zip(idx, self.caption_pixels(pixels, beam_size, n_best, max_length))) \
+                if pixels is not None else {}
+            for i in sorted(set(idx) | set(errors)):
+                yield i, results.get(i), errors.get(i)
 
     def caption(self, images, beam_size=3, n_best=1, max_length=20):
         """Caption a path, PIL image, bytes or binary file, or a list of them. A single input

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .data import read_dataset
 from .encoder import ENCODER_NAME
-from .images import ImageError, image_loader, load_image, preprocess, train_transform
+from .images import ImageError, image_loader, load_image, train_transform
 from .inference import decode_features, resolve_device
 from .metrics import score_captions
 from .model import CaptionModel, ModelConfig

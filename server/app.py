@@ -150,9 +150,11 @@ def create_app(config=None):
             registry = metrics["registry"]
         return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
+    openapi_document = (STATIC / "openapi.json").read_text()
+
     @app.get("/openapi.json")
     def openapi():
-        return app.response_class((STATIC / "openapi.json").read_text(), mimetype="application/json")
+        return app.response_class(openapi_document, mimetype="application/json")
 
     @app.post("/v1/captions")
     def captions():

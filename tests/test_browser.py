@@ -1,7 +1,6 @@
 """Headless Chromium opens the upload page, uploads a real photo and sees its caption."""
 import os
 import shutil
-import socket
 import threading
 
 import pytest
