@@ -207,6 +207,8 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     state_file = out / "train_state.pt"
     if resume and not state_file.is_file():
         raise FileNotFoundError(f"--resume: no {state_file} to resume from")
+    if not resume and state_file.is_file():  # never overwrite an earlier run's checkpoints
+        raise ValueError(f"{out} already holds a training run; use --resume to continue it, or another --out")
     state = torch.load(state_file, map_location="cpu", weights_only=True) if resume else None
     random.seed(seed)
     torch.manual_seed(seed)

@@ -179,3 +179,13 @@ def test_fine_tune_encoder_trains_and_stores_the_encoder(tmp_path, dataset, feat
     assert not torch.equal(model.encoder._conv_stem.weight, load_encoder()._conv_stem.weight)  # it learned
     train(dataset, run, feature_cache, "--epochs", 2, "--fine-tune-encoder", "--encoder-lr", 1e-3, "--resume")
     assert [r["epoch"] for r in _rows(run)] == [1, 2]
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path, dataset, feature_cache):
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 1)
+    before = (run / "best.safetensors").read_bytes()
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(run), "--cache-dir",
+                                       str(feature_cache), "--epochs", "1"])
+    assert result.exit_code == 1 and "already holds a training run" in result.output
+    assert (run / "best.safetensors").read_bytes() == before
