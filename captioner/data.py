@@ -260,3 +260,43 @@ def read_folder(folder):
             raise DataError(f"{txt}: empty caption file")
         records.append(Record(image, captions))
     return records
+
+
+def read_text_captions(path):
+    """Captions without images, for the decoder's language side: a COCO captions json
+    (annotations[].caption), a CSV/JSONL with a `caption` column, or a text file with one
+    caption a line. -> list of caption strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"caption text not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = _load_json(path)
+        try:
+            captions = [a["caption"] for a in data["annotations"]]
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{path}: not COCO captions layout (missing {e})") from None
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if "caption" not in (reader.fieldnames or []):
+                raise DataError(f"{path}:1: no caption column")
+            captions = [row["caption"] or "" for row in reader]
+    elif suffix in (".jsonl", ".ndjson"):
+        captions = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        captions.append(json.loads(line)["caption"])
+                    except (ValueError, KeyError, TypeError):
+                        raise DataError(f"{path}:{lineno}: expected a JSON object with a \"caption\"") from None
+    else:
+        try:
+            captions = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise DataError(f"{path}: no captions")
+    return captions

@@ -4,35 +4,41 @@ import time
 from .data import normalise_split, read_dataset
 from .inference import Captioner
 from .metrics import score_captions
+from .options import DecodeOptions
 
 
-def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None, beam_size=3, max_length=20,
+def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None, decode=None,
                         batch_size=64, device="auto", num_workers=None, val_fraction=0.1, seed=0):
-    """-> {"checkpoint", "data", "split", "beam_size", "images", "scores", "captions"}.
-    Unreadable images are reported, not scored."""
+    """-> {"checkpoint", "data", "split", "decode", "images", "scores", "captions"}, captions
+    decoded with `decode` (a DecodeOptions; n_best is 1). Unreadable images are reported,
+    not scored."""
     from tqdm import tqdm
 
-    split = normalise_split(split)
+    split = "all" if split == "all" else normalise_split(split)  # "all": a set that is only for scoring
     captioner = Captioner.from_pretrained(checkpoint, device=device)
-    records = [r for r in read_dataset(data, fmt, images, val_fraction=val_fraction, seed=seed) if r.split == split]
+    records = [r for r in read_dataset(data, fmt, images, val_fraction=val_fraction, seed=seed)
+               if split in ("all", r.split)]
     if not records:
         raise ValueError(f"{data}: no images in split {split!r}")
-    predictions, failed = {}, {}
+    decode = (decode or DecodeOptions()).replace(n_best=1)
+    predictions, objects, failed = {}, {}, {}
     t0 = time.time()
     paths = [r.image for r in records]
     with tqdm(total=len(records), desc=f"captioning {split}", unit="img") as bar:
-        for i, result, error in captioner.caption_files(paths, beam_size, 1, max_length, batch_size, num_workers):
+        for i, result, error in captioner.caption_files(paths, decode, batch_size, num_workers):
             if error is not None:
                 failed[str(paths[i])] = error
             else:
                 predictions[str(paths[i])] = result["caption"]
+                objects[str(paths[i])] = result["objects"]
             bar.update()
     elapsed = time.time() - t0
     references = {str(r.image): r.captions for r in records if str(r.image) in predictions}
     scores = score_captions(predictions, references)
     return {
-        "checkpoint": str(checkpoint), "data": str(data), "split": split, "beam_size": beam_size,
+        "checkpoint": str(checkpoint), "data": str(data), "split": split, "decode": decode.to_dict(),
         "images": len(predictions), "failed": failed, "caption_seconds": round(elapsed, 1),
         "scores": scores,
-        "captions": [{"image": k, "caption": v, "references": references[k]} for k, v in predictions.items()],
+        "captions": [{"image": k, "caption": v, "objects": objects[k], "references": references[k]}
+                     for k, v in predictions.items()],
     }

@@ -9,9 +9,9 @@ from PIL import Image
 from .checkpoint import load_model
 from .images import image_loader, load_image, preprocess
 from .model import beam_search, greedy_search
+from .options import DecodeOptions
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "model.safetensors"
-MAX_BEAM_SIZE = 10
 
 
 def resolve_device(device="auto"):
@@ -23,27 +23,53 @@ def resolve_device(device="auto"):
     return device
 
 
-def decode_features(model, vocab, features, beam_size=3, n_best=1, max_length=20):
+def decode_features(model, vocab, features, options=DecodeOptions()):
     """Pooled image features -> one result dict per image:
-    {"caption", "score", "log_prob", "alternatives": [{"caption", "score", "log_prob"}, ...]}
+    {"caption", "score", "log_prob", "alternatives": [...], "objects": [...]}
     `score` is the length-normalised log-probability that ranks the candidates, `log_prob`
-    the caption's total log-probability, and `alternatives` the other n-best candidates."""
-    if not 1 <= beam_size <= MAX_BEAM_SIZE:
-        raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
-    if not 1 <= n_best <= beam_size:
-        raise ValueError("n_best must be between 1 and beam_size")
-    if max_length < 1:
-        raise ValueError("max_length must be at least 1")
-    if beam_size == 1:
-        hyps = greedy_search(model.decoder, features, max_length=max_length)
-    else:
-        hyps = beam_search(model.decoder, features, beam_size=beam_size, max_length=max_length, n_best=n_best)
+    the caption's total log-probability, `alternatives` the other n-best candidates, and
+    `objects` the concepts the encoder's classifier is sure of ({"label", "word", "p"}),
+    which grounding forces into the caption."""
+    class_logits = model.classify_features(features)
+    concepts = model.decoder_concepts(class_logits)
+    objects = model.concepts.detect(class_logits, options.concept_threshold)
+    constraints = [grounding_constraints(model.concepts, vocab, found, options) for found in objects]
+    # Images with the same number of forced words decode together: the search keeps
+    # 2**M beams per image for M constraints, so plain images stay at the plain cost.
+    hyps = [None] * len(features)
+    for m in sorted({len(c) for c in constraints}):
+        rows = [i for i, c in enumerate(constraints) if len(c) == m]
+        index = torch.tensor(rows, device=features.device)
+        feats = features.index_select(0, index)
+        conc = concepts.index_select(0, index) if concepts is not None else None
+        if m == 0 and options.beam_size == 1:
+            found = greedy_search(model.decoder, feats, options.max_length, options.length_alpha, conc)
+        else:
+            found = beam_search(model.decoder, feats, options.beam_size, options.max_length, options.n_best,
+                                options.length_alpha, conc, [constraints[i] for i in rows] if m else None)
+        for i, h in zip(rows, found, strict=True):
+            hyps[i] = h
     results = []
-    for image_hyps in hyps:
+    for image_hyps, found in zip(hyps, objects, strict=True):
         candidates = [{"caption": vocab.decode(ids), "score": round(score, 4), "log_prob": round(lp, 4)}
                       for ids, lp, score in image_hyps]
-        results.append({**candidates[0], "alternatives": candidates[1:]})
+        results.append({**candidates[0], "alternatives": candidates[1:],
+                        "objects": [{k: o[k] for k in ("label", "word", "p")} for o in found]})
     return results
+
+
+def grounding_constraints(concepts, vocab, found, options):
+    """The word-id sets that grounding forces into one image's caption: the surest
+    `max_concepts` detected concepts that have a word in the vocabulary (a concept whose
+    words the model never learned is skipped, not forced)."""
+    sets = []
+    for o in found if options.grounding else []:
+        if len(sets) == options.max_concepts:
+            break
+        ids = {vocab.stoi[w] for w in concepts.words[o["concept"]] if w in vocab.stoi}
+        if ids:
+            sets.append(ids)
+    return sets
 
 
 class Captioner:
@@ -77,29 +103,40 @@ class Captioner:
         return self.model.encode_images(pixels.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
-    def caption_pixels(self, pixels, beam_size=3, n_best=1, max_length=20):
-        """Caption a batch of preprocessed images; one result dict each."""
+    def caption_pixels(self, pixels, options=None, **overrides):
+        """Caption a batch of preprocessed images; one result dict each. `options` is a
+        DecodeOptions; keyword overrides (beam_size=5, grounding=False, ...) change it."""
+        options = decode_options(options, overrides)
         features = self.encode_images(pixels)
-        return decode_features(self.model, self.vocab, features, beam_size, n_best, max_length)
+        return decode_features(self.model, self.vocab, features, options)
 
-    def caption_files(self, paths, beam_size=3, n_best=1, max_length=20, batch_size=32, num_workers=None):
+    def caption_files(self, paths, options=None, batch_size=32, num_workers=None, **overrides):
         """Caption image files in batches while worker processes decode the next batch.
         Yields (index into paths, result dict or None, error message or None) for every
         file, in order: an unreadable file gets its error and the rest go on."""
+        options = decode_options(options, overrides)
         for idx, pixels, errors in image_loader(paths, batch_size, num_workers):
-            results = dict(zip(idx, self.caption_pixels(pixels, beam_size, n_best, max_length))) \
+            results = dict(zip(idx, self.caption_pixels(pixels, options), strict=True)) \
                 if pixels is not None else {}
             for i in sorted(set(idx) | set(errors)):
                 yield i, results.get(i), errors.get(i)
 
-    def caption(self, images, beam_size=3, n_best=1, max_length=20):
+    def caption(self, images, options=None, **overrides):
         """Caption a path, PIL image, bytes or binary file, or a list of them. A single input
-        gives one dict, a list gives a list. Unreadable images raise images.ImageError."""
+        gives one dict, a list gives a list. Unreadable images raise images.ImageError;
+        `caption(x, grounding=False)` and other DecodeOptions fields change the decoding."""
+        options = decode_options(options, overrides)
         # A file object is one image, not an iterable of lines.
         single = isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray)) or hasattr(images, "read")
         items = [images] if single else list(images)
         if not items:
             return []
         pixels = torch.stack([preprocess(load_image(x)) for x in items])
-        results = self.caption_pixels(pixels, beam_size, n_best, max_length)
+        results = self.caption_pixels(pixels, options)
         return results[0] if single else results
+
+
+def decode_options(options=None, overrides=None):
+    """A DecodeOptions from an optional base and keyword changes (validated)."""
+    options = options or DecodeOptions()
+    return options.replace(**overrides) if overrides else options

@@ -1,12 +1,20 @@
 """Show-and-Tell captioning model: a CNN feature vector initialises the state of a
 recurrent decoder (LSTM by default, GRU or plain RNN by choice), which then emits words
-from <START> until <END>. Greedy and beam search decoding live here too."""
+from <START> until <END>. Greedy and (constrained) beam search decoding live here too.
+
+A decoder may also take a concept vector: the probabilities of the caption words that
+the encoder's ImageNet classifier vouches for (`concepts.py`). It shifts the initial
+state and is added to every input word, so that the model knows how sentences about a
+"broccoli" or a "refrigerator" go even though no training photo showed one: text-only
+captions supply the vector from their own words (see train.py).
+"""
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .concepts import shipped_concepts
 from .encoder import ENCODER_NAME, FEATURE_DIM, load_encoder
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -26,6 +34,7 @@ class ModelConfig:
     cell: str = "lstm"
     dropout: float = 0.5
     encoder: str = ENCODER_NAME
+    num_concepts: int = 0  # size of the concept vector input; 0 = plain Show and Tell
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -52,27 +61,44 @@ class CaptionDecoder(nn.Module):
                                  dropout=c.dropout if c.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(c.dropout)
         self.out = nn.Linear(c.hidden_dim, c.vocab_size)
+        if c.num_concepts:
+            self.concept_h = nn.Linear(c.num_concepts, state_size, bias=False)
+            self.concept_c = nn.Linear(c.num_concepts, state_size, bias=False) if c.cell == "lstm" else None
+            self.concept_in = nn.Linear(c.num_concepts, c.embed_dim, bias=False)
 
-    def init_state(self, features):
+    def init_state(self, features, concepts=None):
+        """(B, feature_dim) image features [+ (B, num_concepts)] -> the RNN's initial state."""
         f = self.dropout(self.feature_norm(features))
         L, H = self.config.num_layers, self.config.hidden_dim
 
         def layers(x):  # (B, L*H) -> (L, B, H), the layout torch's RNNs expect
             return torch.tanh(x).view(-1, L, H).transpose(0, 1).contiguous()
 
-        h = layers(self.init_h(f))
-        return (h, layers(self.init_c(f))) if self.init_c is not None else h
+        h, c = self.init_h(f), self.init_c(f) if self.init_c is not None else None
+        if self.config.num_concepts:
+            h = h + self.concept_h(concepts)
+            c = c + self.concept_c(concepts) if c is not None else None
+        return (layers(h), layers(c)) if c is not None else layers(h)
 
-    def forward(self, features, tokens):
+    def context(self, concepts):
+        """(B, num_concepts) -> (B, embed_dim) added to every input word, or None."""
+        return self.concept_in(concepts) if self.config.num_concepts else None
+
+    def forward(self, features, tokens, concepts=None):
         """Teacher forcing: logits (B, T, V) for predicting tokens[:, 1:] from tokens[:, :-1]
         is done by the caller; here `tokens` are the inputs."""
-        x = self.dropout(self.embed(tokens))
-        out, _ = self.rnn(x, self.init_state(features))
+        x = self.embed(tokens)
+        if self.config.num_concepts:
+            x = x + self.context(concepts).unsqueeze(1)
+        out, _ = self.rnn(self.dropout(x), self.init_state(features, concepts))
         return self.out(self.dropout(out))
 
-    def step(self, tokens, state):
+    def step(self, tokens, state, context=None):
         """One decoding step: tokens (N,) -> log-probabilities (N, V) and the new state."""
-        out, state = self.rnn(self.embed(tokens).unsqueeze(1), state)
+        x = self.embed(tokens)
+        if context is not None:
+            x = x + context
+        out, state = self.rnn(x.unsqueeze(1), state)
         return F.log_softmax(self.out(out.squeeze(1)).float(), dim=-1), state
 
 
@@ -85,7 +111,7 @@ def reorder_state(state, index):
 class CaptionModel(nn.Module):
     """Encoder + decoder. The encoder is frozen unless training fine-tunes it."""
 
-    def __init__(self, config: ModelConfig, pretrained_encoder=True):
+    def __init__(self, config: ModelConfig, pretrained_encoder=True, concepts=None):
         super().__init__()
         if config.encoder != ENCODER_NAME:
             raise ValueError(f"unknown encoder {config.encoder!r}; this version has {ENCODER_NAME!r}")
@@ -93,10 +119,23 @@ class CaptionModel(nn.Module):
         self.encoder = load_encoder(pretrained=pretrained_encoder).requires_grad_(False)
         self.encoder_tuned = False  # set by training with --fine-tune-encoder; saved with the weights
         self.decoder = CaptionDecoder(config)
+        self.concepts = concepts or shipped_concepts()  # a ConceptMap; saved with the weights
+        if config.num_concepts not in (0, len(self.concepts)):
+            raise ValueError(f"the decoder takes {config.num_concepts} concepts but the concept map has "
+                             f"{len(self.concepts)}")
 
     def encode_images(self, pixels):
         """(B, 3, H, W) normalised pixels -> (B, feature_dim) pooled features."""
         return self.encoder(pixels.contiguous(memory_format=torch.channels_last))
+
+    def classify_features(self, features):
+        """(B, feature_dim) pooled features -> (B, 1000) ImageNet logits: the encoder's own
+        classifier, on the feature the decoder gets anyway."""
+        return self.encoder._fc(features.float())
+
+    def decoder_concepts(self, class_logits):
+        """The decoder's concept input for images, or None for a plain decoder."""
+        return self.concepts.concept_probs(class_logits) if self.config.num_concepts else None
 
     def forward(self, pixels, tokens):
         return self.decoder(self.encode_images(pixels), tokens)
@@ -114,17 +153,18 @@ def _mask_logprobs(logp, step, max_length):
 
 
 @torch.no_grad()
-def greedy_search(decoder, features, max_length=20, length_alpha=0.7):
+def greedy_search(decoder, features, max_length=20, length_alpha=0.7, concepts=None):
     """Most likely word at each step. Returns per image [(token ids, log-prob, normalised
     score)], scored like beam_search so that the two are interchangeable."""
     n = features.size(0)
-    state = decoder.init_state(features)
+    state = decoder.init_state(features, concepts)
+    context = decoder.context(concepts) if concepts is not None else None
     tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
     finished = torch.zeros(n, dtype=torch.bool, device=features.device)
     log_prob = torch.zeros(n, device=features.device)
     history = []
     for t in range(max_length + 1):
-        logp, state = decoder.step(tokens, state)
+        logp, state = decoder.step(tokens, state, context)
         logp = _mask_logprobs(logp, t, max_length)
         best, tokens = logp.max(dim=-1)
         log_prob += torch.where(finished, 0.0, best)
@@ -136,49 +176,88 @@ def greedy_search(decoder, features, max_length=20, length_alpha=0.7):
     history = torch.stack(history, 1)
     lengths = (history != PAD_ID).sum(1).clamp(min=1).float()
     normalised = log_prob / lengths ** length_alpha
-    return [[(_strip(h), lp, s)] for h, lp, s in zip(history.tolist(), log_prob.tolist(), normalised.tolist())]
+    return [[(_strip(h), lp, s)] for h, lp, s in zip(history.tolist(), log_prob.tolist(), normalised.tolist(),
+                                                     strict=True)]
 
 
 @torch.no_grad()
-def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7):
+def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7, concepts=None,
+                constraints=None):
     """Beam search over all images and beams at once: every step is one batched decoder
-    call on B*K rows. Finished beams keep their score and continue with <PAD> for free.
-    Hypotheses are ranked by log-prob / length**length_alpha (length counts <END>), so
-    longer captions are not penalised just for having more words.
+    call. Finished beams keep their score and continue with <PAD> for free. Hypotheses
+    are ranked by log-prob / length**length_alpha (length counts <END>), so longer
+    captions are not penalised just for having more words.
+
+    `constraints`, per image a list of sets of word ids, makes it constrained beam search
+    (Anderson et al. 2017): the caption must contain a word of every set ("cat" or
+    "kitten"). Each image keeps a beam of `beam_size` hypotheses for every subset of the
+    constraints met so far (S = 2**M states for M constraints), a word moves a hypothesis
+    to the state that adds the sets the word belongs to, and the answer comes from the
+    state where all are met. With no constraints S = 1 and this is plain beam search.
 
     Returns per image up to `n_best` [(token ids, log-prob, normalised score)], best first.
     """
     B, K, device = features.size(0), beam_size, features.device
     V = decoder.config.vocab_size
-    state = decoder.init_state(features.repeat_interleave(K, dim=0))
-    tokens = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: keep one alive or topk picks duplicates
-    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
-    history = torch.empty(B * K, 0, dtype=torch.long, device=device)
-    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)
+    M = max((len(c) for c in constraints), default=0) if constraints else 0
+    S = 1 << M
+    # word_bits[b, w]: the constraints of image b that word w meets, as bits; an image
+    # with fewer than M constraints starts with the missing ones already met.
+    word_bits = torch.zeros(B, V, dtype=torch.long)
+    start = torch.zeros(B, dtype=torch.long)
+    for b, sets in enumerate(constraints or []):
+        for m in range(M):
+            if m < len(sets) and sets[m]:
+                word_bits[b, sorted(sets[m])] |= 1 << m
+            else:
+                start[b] |= 1 << m
+    word_bits, start = word_bits.to(device), start.to(device)
+    target = torch.arange(S, device=device).view(1, S, 1) | word_bits.view(B, 1, V)  # (B, S, V) next state
+    state = decoder.init_state(features.repeat_interleave(S * K, dim=0),
+                               concepts.repeat_interleave(S * K, dim=0) if concepts is not None else None)
+    context = decoder.context(concepts.repeat_interleave(S * K, dim=0)) if concepts is not None else None
+    tokens = torch.full((B * S * K,), START_ID, dtype=torch.long, device=device)
+    scores = torch.full((B, S, K), float("-inf"), device=device)
+    # All beams start identical: keep one alive, in the image's start state, or topk picks duplicates.
+    scores[torch.arange(B, device=device), start, 0] = 0.0
+    finished = torch.zeros(B * S * K, dtype=torch.bool, device=device)
+    history = torch.empty(B * S * K, 0, dtype=torch.long, device=device)
+    offsets = (torch.arange(B, device=device) * S * K).view(B, 1, 1)
     for t in range(max_length + 1):
-        logp, state = decoder.step(tokens, state)
+        logp, state = decoder.step(tokens, state, context)
         logp = _mask_logprobs(logp, t, max_length)
         logp[finished] = float("-inf")
         logp[finished, PAD_ID] = 0.0
-        candidates = (scores.view(-1, 1) + logp).view(B, K * V)
-        scores, index = candidates.topk(K, dim=1)
+        candidates = scores.view(B, S, K, 1) + logp.view(B, S, K, V)  # (B, S, K, V)
+        if S == 1:
+            scores, index = candidates.view(B, 1, K * V).topk(K, dim=2)  # (B, 1, K)
+        else:  # the best K of the candidates that land in each state
+            per_state = [candidates.masked_fill((target != s).unsqueeze(2), float("-inf")).view(B, S * K * V)
+                         .topk(K, dim=1) for s in range(S)]
+            scores = torch.stack([sc for sc, _ in per_state], 1)  # (B, S, K)
+            index = torch.stack([ix for _, ix in per_state], 1)  # (B, S, K) into S*K*V
         rows = (offsets + index // V).view(-1)
         tokens = (index % V).view(-1)
         state = reorder_state(state, rows)
         history = torch.cat([history[rows], tokens.unsqueeze(1)], dim=1)
         finished = finished[rows] | (tokens == END_ID)
-        if finished.all():
+        if (finished | (scores.view(-1) == float("-inf"))).all():
             break
-    lengths = (history != PAD_ID).sum(1).clamp(min=1).view(B, K).float()
+    lengths = (history != PAD_ID).sum(1).clamp(min=1).view(B, S, K).float()
     normalised = scores / lengths ** length_alpha
-    history, scores, normalised = history.view(B, K, -1).tolist(), scores.tolist(), normalised.tolist()
+    history = history.view(B, S, K, -1).tolist()
+    scores, normalised = scores.tolist(), normalised.tolist()
+    # States with more constraints met first: the full state, else the best that was reached.
+    state_order = sorted(range(S), key=lambda s: -bin(s).count("1"))
     results = []
     for b in range(B):
-        order = sorted(range(K), key=lambda k: -normalised[b][k])
-        hyps = [(_strip(history[b][k]), scores[b][k], normalised[b][k]) for k in order
-                if scores[b][k] > float("-inf")]
+        hyps = []
+        for s in state_order:
+            hyps = [(_strip(history[b][s][k]), scores[b][s][k], normalised[b][s][k]) for k in range(K)
+                    if scores[b][s][k] > float("-inf")]
+            if hyps:
+                break
+        hyps.sort(key=lambda h: -h[2])
         results.append(hyps[:n_best])
     return results
 

@@ -6,6 +6,14 @@ Adam, gradient-norm clipping, cosine learning-rate decay, and early stopping on 
 validation CIDEr of beam-decoded captions. With the encoder frozen (the default), image
 features are computed once and cached on disk, so an epoch on a CPU is a decoder-only
 pass; --fine-tune-encoder runs images through the encoder at every step instead.
+
+Open-world captions (`--text-data`): captions without images (COCO's caption text) are
+trained alongside the image-caption pairs, so the decoder learns words and sentences that
+no training photo shows. A text-only caption has no image feature (zeros; the decoder's
+LayerNorm turns that into a learned "no photo" start) and gets a concept vector from its
+own words, noised to look like a classifier's output; a photo gets the concept vector of
+the encoder's classifier. Dropping some photos' features (`--feature-dropout`) teaches the
+decoder to lean on the concepts when the feature says little (a kitchen to a Flickr8k model).
 """
 import hashlib
 import json
@@ -22,13 +30,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
-from .data import read_dataset
+from .concepts import ConceptMap, shipped_concepts
+from .data import Record, read_dataset, read_text_captions
 from .encoder import ENCODER_NAME
 from .images import ImageError, image_loader, load_image, train_transform
 from .inference import decode_features, resolve_device
 from .metrics import score_captions
 from .model import CaptionModel, ModelConfig
-from .vocab import PAD_ID, Vocabulary
+from .options import DecodeOptions
+from .vocab import PAD_ID, UNK_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 # Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
@@ -103,6 +113,30 @@ def encode_captions(records, vocab, max_length):
     return torch.tensor(image_idx, dtype=torch.long), tokens
 
 
+def text_concept_lists(concepts, tokens, vocab):
+    """Per text-only caption (a row of token ids), the concepts its words name."""
+    return [concepts.in_text([vocab.itos[i] for i in row if i > UNK_ID]) for row in tokens.tolist()]
+
+
+def noisy_concepts(lists, num_concepts, generator=None):
+    """Concept vectors (N, C) for text-only captions, drawn to look like the classifier's
+    output on a photo of the scene: a named concept gets p ~ U(0.3, 1) and is missed 15%
+    of the time; half the rows get a distractor at p ~ U(0, 0.25)."""
+    n = len(lists)
+    out = torch.zeros(n, num_concepts)
+    rows = [i for i, cs in enumerate(lists) for _ in cs]
+    cols = [c for cs in lists for c in cs]
+    if rows:
+        p = 0.3 + 0.7 * torch.rand(len(rows), generator=generator)
+        p = p * (torch.rand(len(rows), generator=generator) >= 0.15)
+        out[rows, cols] = p
+    distract = (torch.rand(n, generator=generator) < 0.5).nonzero().flatten()
+    if len(distract):
+        cols = torch.randint(num_concepts, (len(distract),), generator=generator)
+        out[distract, cols] = torch.maximum(out[distract, cols], 0.25 * torch.rand(len(distract), generator=generator))
+    return out
+
+
 def caption_loss(logits, targets, label_smoothing=0.0):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=PAD_ID, label_smoothing=label_smoothing)
@@ -128,8 +162,8 @@ class PairsWithImages(torch.utils.data.Dataset):
 def _collate_pairs(items):
     good = [x for x in items if x is not None]
     if not good:
-        return None, None, len(items)
-    return torch.stack([p for p, _ in good]), torch.stack([t for _, t in good]), len(items) - len(good)
+        return None, None, None, len(items)
+    return torch.stack([p for p, _ in good]), None, torch.stack([t for _, t in good]), len(items) - len(good)
 
 
 # ---------------------------------------------------------------- one epoch, evaluation
@@ -152,7 +186,7 @@ def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothin
                 m.eval()
     total, count, skipped, images = 0.0, 0, 0, 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, total=steps)
-    for inputs, tokens, n_skipped in bar:
+    for inputs, concepts, tokens, n_skipped in bar:
         skipped += n_skipped
         if inputs is None:
             continue
@@ -161,7 +195,12 @@ def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothin
         tokens = tokens[:, :length]
         with _autocast(device, amp):
             features = model.encode_images(inputs) if model.encoder_tuned else inputs
-            logits = model.decoder(features, tokens[:, :-1])
+            if concepts is None:  # photos in the loop: the classifier's view, not trained through
+                with torch.no_grad():
+                    concepts = model.decoder_concepts(model.classify_features(features.detach()))
+            else:
+                concepts = concepts.to(device, non_blocking=True)
+            logits = model.decoder(features, tokens[:, :-1], concepts)
             loss = caption_loss(logits.float(), tokens[:, 1:], label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -177,15 +216,16 @@ def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothin
 
 
 @torch.inference_mode()
-def evaluate_features(model, vocab, features, records, beam_size, max_length, use_java=False, batch_size=250):
-    """Beam-decode every image of `records` from its features and score against all its
-    references. -> (scores dict, {image path: caption})."""
+def evaluate_features(model, vocab, features, records, options, use_java=False, batch_size=250):
+    """Decode every image of `records` from its features as users get it (`options`, a
+    DecodeOptions: grounding included) and score against all its references.
+    -> (scores dict, {image path: caption})."""
     model.eval()
     predictions = {}
     for start in range(0, len(records), batch_size):
         chunk = features[start:start + batch_size]
         for r, result in zip(records[start:start + batch_size],
-                             decode_features(model, vocab, chunk, beam_size, 1, max_length)):
+                             decode_features(model, vocab, chunk, options), strict=True):
             predictions[str(r.image)] = result["caption"]
     references = {str(r.image): r.captions for r in records}
     return score_captions(predictions, references, use_java=use_java, cider_only=not use_java), predictions
@@ -197,10 +237,16 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
           embed_dim=512, hidden_dim=512, num_layers=1, cell="lstm", dropout=0.5, min_word_count=5,
           max_caption_length=20, beam_size=3, seed=0, device="auto", fine_tune_encoder=False,
           resume=False, patience=5, clip_grad=5.0, label_smoothing=0.1, num_workers=None,
-          cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr", lr_decay_epochs=None):
-    """Train a captioner on `data` and write best.safetensors, last.safetensors,
-    train_state.pt, metrics.jsonl and curves.png to `out`. Returns a summary dict."""
+          cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr", lr_decay_epochs=None,
+          text_data=(), concepts=True, feature_dropout=0.0, decode=None):
+    """Train a captioner on `data` (plus the caption-only files `text_data`) and write
+    best.safetensors, last.safetensors, train_state.pt, metrics.jsonl and curves.png to
+    `out`. `concepts` gives the decoder the classifier's concept vector; `decode` (a
+    DecodeOptions) is how validation captions are decoded, the users' default if None.
+    Returns a summary dict."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    args["text_data"] = [str(p) for p in text_data]
+    args["decode"] = decode.to_dict() if decode else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -213,7 +259,11 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     random.seed(seed)
     torch.manual_seed(seed)
 
+    decode = (decode or DecodeOptions()).replace(beam_size=beam_size, n_best=1, max_length=max_caption_length)
+    if text_data and fine_tune_encoder:
+        raise ValueError("--text-data trains with cached features; it cannot be combined with --fine-tune-encoder")
     records = read_dataset(data, format, images, val_fraction=val_fraction, seed=seed)
+    text_captions = [c for path in text_data for c in read_text_captions(path)]
     train_set = [r for r in records if r.split == "train"]
     val_set = [r for r in records if r.split == "val"]
     if not train_set:
@@ -221,12 +271,14 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     if not val_set:
         raise ValueError(f"{data}: no validation images (need a val/dev split, or two or more images)")
     vocab = Vocabulary.from_json(state["vocab"]) if state else \
-        Vocabulary.build((c for r in train_set for c in r.captions), min_word_count)
-    log.info("%d train and %d val images, vocabulary of %d words", len(train_set), len(val_set), len(vocab))
+        Vocabulary.build([c for r in train_set for c in r.captions] + text_captions, min_word_count)
+    log.info("%d train and %d val images, %d text-only captions, vocabulary of %d words",
+             len(train_set), len(val_set), len(text_captions), len(vocab))
+    concept_map = ConceptMap.from_json(state["concepts"]) if state and "concepts" in state else shipped_concepts()
     config = ModelConfig(**json.loads(state["model_config"])) if state else ModelConfig(
         vocab_size=len(vocab), embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
-        cell=cell, dropout=dropout)
-    model = CaptionModel(config).to(device)
+        cell=cell, dropout=dropout, num_concepts=len(concept_map) if concepts else 0)
+    model = CaptionModel(config, concepts=concept_map).to(device)
     model.encoder_tuned = fine_tune_encoder
     model.encoder.requires_grad_(fine_tune_encoder)
 
@@ -248,12 +300,35 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         val_set = [r for r, good in zip(val_set, val_ok) if good]
         val_features = val_features[torch.tensor(val_ok)]
         train_features = train_features.to(device)
+        with torch.inference_mode():
+            train_concepts = model.decoder_concepts(model.classify_features(train_features))
+        # Text-only captions join the pairs with image index -1: no feature, concepts from their words.
+        text_tokens = encode_captions([Record(Path(), text_captions)], vocab, max_caption_length)[1] \
+            if text_captions else torch.empty(0, max_caption_length + 2, dtype=torch.long)
+        text_concepts = text_concept_lists(concept_map, text_tokens, vocab) if config.num_concepts else []
+        train_idx = torch.cat([train_idx, torch.full((len(text_tokens),), -1, dtype=torch.long)])
+        train_tokens = torch.cat([train_tokens, text_tokens])
 
         def make_batches():
             order = torch.randperm(len(train_idx))
             for s in range(0, len(order), batch_size):
                 j = order[s:s + batch_size]
-                yield train_features[train_idx[j].to(device)], train_tokens[j], 0
+                idx = train_idx[j]
+                photo = idx >= 0
+                # (b, feature_dim): a photo's feature, zeros for text, some photos' dropped
+                keep = photo & (torch.rand(len(j)) >= feature_dropout)
+                feats = torch.zeros(len(j), config.feature_dim, device=device)
+                feats[keep.to(device)] = train_features[idx[keep].to(device)]
+                conc = None
+                if config.num_concepts:
+                    conc = torch.zeros(len(j), config.num_concepts, device=device)
+                    conc[photo.to(device)] = train_concepts[idx[photo].to(device)]
+                    text_rows = (~photo).nonzero().flatten()
+                    if len(text_rows):
+                        base = len(train_idx) - len(text_tokens)
+                        conc[text_rows.to(device)] = noisy_concepts(
+                            [text_concepts[int(j[r]) - base] for r in text_rows], config.num_concepts).to(device)
+                yield feats, conc, train_tokens[j], 0
         val_features_fn = lambda: (val_features, val_set)  # noqa: E731
     if len(train_idx) == 0:
         raise ValueError(f"{data}: no usable training captions")
@@ -288,7 +363,8 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         random.setstate(_tuple_state(state["python_rng"]))
         log.info("resumed from %s at epoch %d (best %s %.4f)", state_file, start_epoch + 1, select_metric, best)
 
-    info = {"name": out.name, "data": str(data), "train_images": len(train_set), "train_args": args}
+    info = {"name": out.name, "data": str(data), "train_images": len(train_set),
+            "text_captions": len(text_captions), "train_args": args}
     metrics_file = out / "metrics.jsonl"
     if not resume and metrics_file.exists():
         metrics_file.unlink()
@@ -303,7 +379,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,
             desc=f"epoch {epoch + 1}/{epochs}", steps=math.ceil(len(train_idx) / batch_size))
         train_time = time.time() - t0
-        scores, _ = evaluate_features(model, vocab, *val_features_fn(), beam_size, max_caption_length)
+        scores, _ = evaluate_features(model, vocab, *val_features_fn(), decode)
         current_lr = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "lr": current_lr,
                "train_time_s": round(train_time, 1), "captions_per_s": round(n_captions / train_time, 1),
@@ -328,6 +404,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
             "torch_rng": torch.get_rng_state(), "python_rng": list(_list_state(random.getstate())),
             "vocab": vocab.to_json(), "model_config": json.dumps(config.to_dict()),
+            "concepts": concept_map.to_json(),
         }, state_file)
         log.info("epoch %d: loss %.3f, val %s %.4f, BLEU-4 %.4f%s (%.0fs)", epoch + 1, loss, select_metric,
                  score, scores["BLEU-4"], " *best*" if improved else "", row["epoch_time_s"])

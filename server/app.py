@@ -4,7 +4,9 @@ Every response is JSON (the page and its assets aside); every error is
 {"error": {"code", "message"}} with a 4xx status for bad input. Uploaded bytes stay in
 memory: nothing a client sends is written to disk or used as a path.
 """
+import dataclasses
 import io
+import json
 import os
 import threading
 import time
@@ -18,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from captioner.images import ImageError, load_image, preprocess
-from captioner.inference import MAX_BEAM_SIZE, Captioner
+from captioner.inference import Captioner
+from captioner.options import DecodeOptions
 
 from .batching import BatchCaptioner
 
@@ -30,18 +33,12 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
     "MAX_FILES": 16,
     "MAX_PIXELS": 40_000_000,  # stricter than the CLI's 100 MP: a public server decodes what it is sent
-    "MAX_CAPTION_LENGTH": 50,
     "BATCH_MAX_SIZE": 16,
     "BATCH_WAIT_MS": 5.0,
     "REQUEST_TIMEOUT_S": 30.0,
     # A 40 MP PNG takes up to ~0.8 GB while it is decoded; request threads take turns so
     # that a burst of such files cannot run a worker out of memory.
     "MAX_CONCURRENT_DECODES": 2,
-}
-OPTIONS = {  # name: (default, lowest, highest); highest None = MAX_CAPTION_LENGTH
-    "beam_size": (3, 1, MAX_BEAM_SIZE),
-    "n_best": (1, 1, 5),
-    "max_length": (20, 1, None),
 }
 
 
@@ -150,7 +147,7 @@ def create_app(config=None):
             registry = metrics["registry"]
         return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
-    openapi_document = (STATIC / "openapi.json").read_text()
+    openapi_document = openapi_with_options((STATIC / "openapi.json").read_text())
 
     @app.get("/openapi.json")
     def openapi():
@@ -159,7 +156,7 @@ def create_app(config=None):
     @app.post("/v1/captions")
     def captions():
         t0 = time.perf_counter()
-        options = _parse_options(app.config["MAX_CAPTION_LENGTH"])
+        options = _parse_options()
         uploads = _read_uploads(app.config["MAX_FILES"])
         pixels = []
         for filename, data in uploads:
@@ -171,7 +168,7 @@ def create_app(config=None):
                 raise ApiError(400, "invalid_image", f"{filename}: {e}")
             finally:
                 decode_slots.release()
-        future = batcher.submit(torch.stack(pixels), options["beam_size"], options["n_best"], options["max_length"])
+        future = batcher.submit(torch.stack(pixels), options)
         try:
             results = future.result(timeout=app.config["REQUEST_TIMEOUT_S"])
         except FutureTimeout:
@@ -180,31 +177,42 @@ def create_app(config=None):
         return jsonify({
             "model": captioner.name,
             "results": [{"filename": filename, "caption": r["caption"], "score": r["score"],
-                         "alternatives": r["alternatives"]} for (filename, _), r in zip(uploads, results)],
+                         "alternatives": r["alternatives"], "objects": r["objects"]}
+                        for (filename, _), r in zip(uploads, results, strict=True)],
             "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
         })
 
     return app
 
 
-def _parse_options(max_caption_length):
-    options = {}
-    for name, (default, low, high) in OPTIONS.items():
-        high = high or max_caption_length
-        raw = request.args.get(name, request.form.get(name))
-        if raw is None or raw == "":
-            options[name] = default
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ApiError(400, "invalid_option", f"{name} must be an integer from {low} to {high}, not {raw[:20]!r}")
-        if not low <= value <= high:
-            raise ApiError(400, "invalid_option", f"{name} must be from {low} to {high}, not {value}")
-        options[name] = value
-    if options["n_best"] > options["beam_size"]:
-        raise ApiError(400, "invalid_option", "n_best must not exceed beam_size")
-    return options
+def openapi_with_options(document):
+    """The OpenAPI text with the decoding options of POST /v1/captions filled in from
+    DecodeOptions: their defaults and limits are written once, there."""
+    spec = json.loads(document)
+    defaults, parameters, form = DecodeOptions(), [], {}
+    for f in dataclasses.fields(DecodeOptions):
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            schema = {"type": "boolean", "default": default}
+        else:
+            low, high = DecodeOptions.LIMITS[f.name]
+            schema = {"type": "integer" if isinstance(default, int) else "number",
+                      "minimum": low, "maximum": high, "default": default}
+        parameters.append({"name": f.name, "in": "query", "schema": schema})
+        form[f.name] = schema
+    post = spec["paths"]["/v1/captions"]["post"]
+    post["parameters"] = parameters
+    post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"].update(form)
+    return json.dumps(spec, indent=1)
+
+
+def _parse_options():
+    """DecodeOptions from the query string, or else the form; the message names the option."""
+    raw = {f.name: request.args.get(f.name, request.form.get(f.name)) for f in dataclasses.fields(DecodeOptions)}
+    try:
+        return DecodeOptions.from_strings(raw)
+    except ValueError as e:
+        raise ApiError(400, "invalid_option", str(e))
 
 
 def _is_image_type(mimetype):

@@ -14,6 +14,8 @@ from concurrent.futures import Future
 
 import torch
 
+from captioner.options import DecodeOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -27,10 +29,11 @@ class BatchCaptioner:
         self.thread = threading.Thread(target=self._run, name="caption-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, pixels, beam_size=3, n_best=1, max_length=20):
-        """Queue (N, 3, H, W) preprocessed images; returns a Future of N result dicts."""
+    def submit(self, pixels, options=None):
+        """Queue (N, 3, H, W) preprocessed images with their DecodeOptions (None: the
+        defaults); returns a Future of N result dicts."""
         future = Future()
-        self.requests.put((pixels, (beam_size, n_best, max_length), future))
+        self.requests.put((pixels, options or DecodeOptions(), future))
         return future
 
     def _collect(self):
@@ -55,10 +58,10 @@ class BatchCaptioner:
             groups = {}
             for item in batch:
                 groups.setdefault(item[1], []).append(item)
-            for (beam_size, n_best, max_length), items in groups.items():
+            for options, items in groups.items():
                 try:
                     pixels = torch.cat([p for p, _, _ in items])
-                    results = self.captioner.caption_pixels(pixels, beam_size, n_best, max_length)
+                    results = self.captioner.caption_pixels(pixels, options)
                     self.on_batch(len(pixels))
                 except Exception as e:  # a failed batch fails its requests, never the thread
                     log.exception("captioning batch failed")

@@ -122,6 +122,35 @@ def train_decoder(decoder, features, captions, vocab, steps=150, lr=1e-2, noise=
     return decoder.eval()
 
 
+# What the `synthetic` decoder learns to say for each of its four random feature vectors.
+SYNTHETIC_CAPTIONS = ["a cat sits on the chair", "a rocket on the launch pad", "a cup of coffee",
+                      "two dogs play in the snow"]
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """(decoder, vocab, features): a decoder (hidden 64) trained on random 16-d feature
+    vectors -> SYNTHETIC_CAPTIONS. Do not modify it."""
+    vocab = Vocabulary.build(SYNTHETIC_CAPTIONS, min_count=1)
+    features = torch.randn(len(SYNTHETIC_CAPTIONS), 16, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=32, hidden_dim=64, dropout=0.0)
+    from captioner.model import CaptionDecoder
+
+    decoder = train_decoder(CaptionDecoder(config), features, SYNTHETIC_CAPTIONS, vocab, steps=150)
+    return decoder, vocab, features
+
+
+def sequence_log_prob(decoder, feature, ids):
+    """Teacher-forced log-probability of <START> ids <END> under `decoder`."""
+    from captioner.vocab import END_ID, START_ID
+
+    tokens = torch.tensor([[START_ID] + ids + [END_ID]])
+    with torch.no_grad():
+        logp = decoder(feature.unsqueeze(0), tokens[:, :-1]).log_softmax(-1)
+    return logp[0].gather(1, tokens[0, 1:].unsqueeze(1)).sum().item()
+
+
 @pytest.fixture(scope="session")
 def encoder():
     """The pretrained EfficientNet-Lite0, loaded once."""

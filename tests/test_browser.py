@@ -59,6 +59,9 @@ def test_upload_a_photo_and_see_its_caption(live_server, browser, photos, tmp_pa
     assert browser.find_element(By.ID, "preview").get_attribute("src").startswith("blob:")
     alternatives = browser.find_elements(By.CSS_SELECTOR, "#alternatives li")
     assert len(alternatives) == 2  # the page asks for 3 candidates
+    tags = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#objects li")]
+    assert tags and tags[0].startswith("cat ")  # the detected object, shown as a tag
+    assert "cat" in caption.text.split()  # grounding is on by default
     browser.save_screenshot(str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").stat().st_size > 1000
     shutil.copy(tmp_path / "page.png", os.environ.get("CAPTIONER_SCREENSHOT", tmp_path / "page-copy.png"))

@@ -45,6 +45,19 @@ def test_metadata_is_plain_json(trained_checkpoint, tiny_vocab):
     assert json.loads(meta["vocab"]) == tiny_vocab.itos
     assert json.loads(meta["config"])["hidden_dim"] == 64
     assert json.loads(meta["info"]) == {"name": "trained-test"}
+    assert len(json.loads(meta["concepts"])["labels"]) == 1000  # the concept map travels with the model
+
+
+def test_version_1_checkpoint_gets_the_shipped_concepts(tmp_path, trained_checkpoint, photos):
+    from captioner.concepts import shipped_concepts
+
+    _, meta = _keys_and_metadata(trained_checkpoint)
+    del meta["concepts"]
+    path = tmp_path / "v1.safetensors"
+    save_file(load_file(str(trained_checkpoint)), str(path), {**meta, "format_version": "1"})
+    model, _, _ = load_model(path)
+    assert model.concepts.words == shipped_concepts().words
+    assert Captioner.from_pretrained(path, device="cpu").caption(photos["cat"])["objects"][0]["word"] == "cat"
 
 
 def test_frozen_encoder_is_not_stored(trained_checkpoint):
@@ -101,8 +114,8 @@ def test_wrong_version_and_mismatches(tmp_path, trained_checkpoint):
     _, meta = _keys_and_metadata(trained_checkpoint)
     config, vocab = json.loads(meta["config"]), json.loads(meta["vocab"])
     cases = {
-        "format version 2": {"format_version": "2"},
-        "this captioner reads version 1": {"format_version": "0"},
+        "format version 3": {"format_version": "3"},
+        "this captioner reads versions 1, 2": {"format_version": "0"},
         "vocabulary has 20 words but the model expects 21": {"vocab": json.dumps(vocab[:-1])},
         "weights do not match the model config": {"config": json.dumps({**config, "hidden_dim": 32})},
         "weights do not match": {"config": json.dumps({**config, "cell": "gru"})},
@@ -110,6 +123,8 @@ def test_wrong_version_and_mismatches(tmp_path, trained_checkpoint):
         "broken metadata": {"config": "{not json"},
         "broken metadata: ": {"config": json.dumps({**config, "colour": "red"})},
         "broken metadata:": {"vocab": json.dumps(["a", "b"])},
+        "broken metadata: concept map": {"concepts": json.dumps({"labels": ["x"], "words": [], "class_concept": [5]})},
+        "concepts but the concept map has": {"config": json.dumps({**config, "num_concepts": 7})},
     }
     for message, change in cases.items():
         path = _rewrite(trained_checkpoint, tmp_path / "bad.safetensors", **change)
@@ -119,7 +134,7 @@ def test_wrong_version_and_mismatches(tmp_path, trained_checkpoint):
 
 
 def test_read_checkpoint_needs_no_encoder(trained_checkpoint, tiny_vocab):
-    config, vocab, tensors, info = read_checkpoint(trained_checkpoint)
+    config, vocab, concepts, tensors, info = read_checkpoint(trained_checkpoint)
     assert vocab == tiny_vocab and config.vocab_size == len(vocab) and info["name"] == "trained-test"
     assert tensors["decoder.out.weight"].shape == (len(vocab), 64)
 
@@ -178,4 +193,8 @@ def test_shipped_weights_load_and_caption(photos):
     captioner = Captioner.from_pretrained(device="cpu")  # weights/model.safetensors
     result = captioner.caption(photos["astronaut"])
     assert result["caption"].strip() and len(result["caption"].split()) <= 20
-    assert captioner.name == "show-and-tell-flickr8k-lite0"
+    assert captioner.name == "show-and-tell-open-lite0"
+    # Open-world captions: the cat is a cat and the espresso is coffee, by default.
+    cat, coffee = captioner.caption([photos["cat"], photos["coffee"]])
+    assert "cat" in cat["caption"].split() and cat["objects"][0]["word"] == "cat"
+    assert {"coffee", "cup", "mug"} & set(coffee["caption"].split())

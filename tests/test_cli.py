@@ -43,7 +43,7 @@ def test_folder_with_good_and_broken_files(image_folder, trained_checkpoint):
         assert set(records[name]) == {"path", "error"} and records[name]["error"]
     assert "empty" in records["empty.jpg"]["error"] and "not an image" in records["random.png"]["error"]
     for name in GOOD:
-        assert set(records[name]) == {"path", "caption", "score"}
+        assert set(records[name]) == {"path", "caption", "score", "objects"}
         assert records[name]["caption"] == EXPECTED[name] and isinstance(records[name]["score"], float)
     assert "3 of 6 files could not be captioned" in result.stderr
 
@@ -67,6 +67,7 @@ def test_output_formats_and_output_file(tmp_path, image_folder, trained_checkpoi
     rows = list(csv.DictReader(out.open(newline="")))
     assert [Path(r["path"]).name for r in rows] == ["cat.jpg", "empty.jpg"]
     assert rows[0]["caption"] == PHOTO_CAPTIONS["cat"] and float(rows[0]["score"]) < 0 and rows[0]["error"] == ""
+    assert rows[0]["objects"].startswith("cat (") and rows[1]["objects"] == ""
     assert rows[1]["caption"] == "" and "empty" in rows[1]["error"]
     # txt on stdout
     result = run("caption", *files, "--format", "txt", *common)
@@ -78,7 +79,7 @@ def test_output_formats_and_output_file(tmp_path, image_folder, trained_checkpoi
     assert records[0]["caption"] == PHOTO_CAPTIONS["cat"] and "error" in records[1]
     # csv on stdout
     result = run("caption", files[0], "--format", "csv", *common)
-    assert next(csv.reader(io.StringIO(result.stdout))) == ["path", "caption", "score", "error"]
+    assert next(csv.reader(io.StringIO(result.stdout))) == ["path", "caption", "score", "objects", "error"]
     # --output in a folder that does not exist yet; one that cannot be made is a clear error
     result = run("caption", files[0], "--output", tmp_path / "new" / "dir" / "out.jsonl", *common)
     assert result.exit_code == 0 and _records((tmp_path / "new" / "dir" / "out.jsonl").read_text())[0]["caption"]
@@ -118,7 +119,10 @@ def test_recursive_and_explicit_files(image_folder, trained_checkpoint):
     (["{tmp}/missing"], "does not exist"),
     (["{tmp}", "--format", "xml"], "'xml' is not one of"),
     (["{tmp}", "--beam-size", "0"], "--beam-size"),
-    (["{tmp}", "--beam-size", "2", "--n-best", "3"], "must not exceed --beam-size"),
+    (["{tmp}", "--beam-size", "2", "--n-best", "3"], "must not exceed beam_size"),
+    (["{tmp}", "--n-best", "6"], "--n-best"),
+    (["{tmp}", "--max-length", "51"], "--max-length"),
+    (["{tmp}", "--concept-threshold", "2"], "--concept-threshold"),
     (["{tmp}", "--weights", "{tmp}/missing.safetensors"], "does not exist"),
     (["{tmp}"], "no image files found"),  # an empty folder
     ([], "Missing argument"),
@@ -153,3 +157,16 @@ def test_installed_entry_point(tmp_path, image_folder, trained_checkpoint):
     lines = proc.stdout.splitlines()
     assert lines[0].endswith("\t" + PHOTO_CAPTIONS["cat"]) and lines[1].endswith("\tERROR: empty file")
     assert "1 of 2 files could not be captioned" in proc.stderr
+
+
+def test_objects_and_grounding_switch(image_folder, tiny_checkpoint):
+    """An untrained model says "cat" only when grounding makes it; objects are listed either way."""
+    cat = image_folder / "cat.jpg"
+    grounded = _records(run("caption", cat, "--weights", tiny_checkpoint).stdout)[0]
+    plain = _records(run("caption", cat, "--weights", tiny_checkpoint, "--no-grounding").stdout)[0]
+    assert grounded["objects"][0]["word"] == "cat" and grounded["objects"][0]["p"] >= 0.5
+    assert plain["objects"] == grounded["objects"]
+    assert "cat" in grounded["caption"].split() and "cat" not in plain["caption"].split()
+    # a threshold above every concept's probability: nothing detected, nothing forced
+    none = _records(run("caption", cat, "--weights", tiny_checkpoint, "--concept-threshold", 1).stdout)[0]
+    assert none["objects"] == [] and none["caption"] == plain["caption"]

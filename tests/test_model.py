@@ -3,24 +3,13 @@ import math
 
 import pytest
 import torch
-from conftest import train_decoder
+from conftest import PHOTO_CAPTIONS, sequence_log_prob, train_decoder
+from conftest import SYNTHETIC_CAPTIONS as CAPTIONS
 
 from captioner.inference import decode_features
 from captioner.model import BANNED_IDS, CaptionDecoder, CaptionModel, ModelConfig, beam_search, greedy_search
+from captioner.options import DecodeOptions
 from captioner.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
-
-CAPTIONS = ["a cat sits on the chair", "a rocket on the launch pad", "a cup of coffee", "two dogs play in the snow"]
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    """A decoder (hidden 64) trained on random feature vectors -> distinct captions."""
-    vocab = Vocabulary.build(CAPTIONS, min_count=1)
-    features = torch.randn(len(CAPTIONS), 16, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=32, hidden_dim=64, dropout=0.0)
-    decoder = train_decoder(CaptionDecoder(config), features, CAPTIONS, vocab, steps=150)
-    return decoder, vocab, features
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +25,6 @@ def _copy(decoder):
     return clone
 
 
-def _sequence_log_prob(decoder, feature, ids):
-    """Teacher-forced log-probability of <START> ids <END> under `decoder`."""
-    tokens = torch.tensor([[START_ID] + ids + [END_ID]])
-    with torch.no_grad():
-        logp = decoder(feature.unsqueeze(0), tokens[:, :-1]).log_softmax(-1)
-    return logp[0].gather(1, tokens[0, 1:].unsqueeze(1)).sum().item()
-
-
 def test_trained_decoder_says_its_captions_and_stops(synthetic):
     decoder, vocab, features = synthetic
     greedy = greedy_search(decoder, features, max_length=20)
@@ -55,7 +36,7 @@ def test_trained_decoder_says_its_captions_and_stops(synthetic):
     for f, hyps in zip(features, beam):
         ids, log_prob, score = hyps[0]
         assert len(ids) < 20
-        assert log_prob == pytest.approx(_sequence_log_prob(decoder, f, ids), abs=1e-4)
+        assert log_prob == pytest.approx(sequence_log_prob(decoder, f, ids), abs=1e-4)
         assert log_prob > math.log(0.5)  # a confident model
         assert score == pytest.approx(log_prob / (len(ids) + 1) ** 0.7, abs=1e-5)
 
@@ -96,7 +77,7 @@ def test_beam_search_n_best_sorted_distinct_and_batched(random_decoder):
             assert 1 <= len(ids) <= 10 and log_prob < 0
             assert not set(ids) & {PAD_ID, START_ID, END_ID, UNK_ID}
             if len(ids) < 10:  # ended by choice: the log-prob is the sequence's, <END> included
-                assert log_prob == pytest.approx(_sequence_log_prob(random_decoder, f, ids), abs=1e-4)
+                assert log_prob == pytest.approx(sequence_log_prob(random_decoder, f, ids), abs=1e-4)
     # n_best=2 gives the first two of the same search; an image alone gets what it got in the batch.
     top2 = beam_search(random_decoder, features, beam_size=5, n_best=2, max_length=10)
     assert [[h[0] for h in r] for r in top2] == [[h[0] for h in r[:2]] for r in results]
@@ -150,18 +131,16 @@ def test_beam_wider_than_vocabulary():
         assert len({tuple(ids) for ids, _, _ in image}) == len(image)
 
 
-def test_decode_features_result_shape_and_validation(synthetic):
-    decoder, vocab, features = synthetic
-    model = type("M", (), {"decoder": decoder})()
-    results = decode_features(model, vocab, features, beam_size=3, n_best=3)
-    assert [r["caption"] for r in results] == CAPTIONS
+def test_decode_features_result_shape_and_validation(trained_model, tiny_vocab, photo_features):
+    results = decode_features(trained_model, tiny_vocab, photo_features, DecodeOptions(beam_size=3, n_best=3))
+    assert [r["caption"] for r in results] == list(PHOTO_CAPTIONS.values())
     for r in results:
-        assert set(r) == {"caption", "score", "log_prob", "alternatives"} and len(r["alternatives"]) == 2
+        assert set(r) == {"caption", "score", "log_prob", "alternatives", "objects"} and len(r["alternatives"]) == 2
         assert all(r["score"] >= a["score"] for a in r["alternatives"])
-    assert decode_features(model, vocab, features, beam_size=1)[0]["alternatives"] == []
+    assert decode_features(trained_model, tiny_vocab, photo_features, DecodeOptions(beam_size=1))[0]["alternatives"] == []
     for kwargs in ({"beam_size": 0}, {"beam_size": 11}, {"beam_size": 2, "n_best": 3}, {"max_length": 0}):
         with pytest.raises(ValueError):
-            decode_features(model, vocab, features, **kwargs)
+            DecodeOptions(**kwargs)
 
 
 def test_decoder_shapes_and_state_layout():

@@ -3,9 +3,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import image_bytes, png_1bit
 from PIL import Image
 
-from conftest import image_bytes, png_1bit
 from server.app import create_app
 
 
@@ -41,6 +41,7 @@ def test_caption_one_and_many(client, photos):
     (result,) = body["results"]
     assert result["filename"] == "cat.jpg" and result["caption"] and isinstance(result["score"], float)
     assert len(result["alternatives"]) == 2
+    assert result["objects"][0]["word"] == "cat" and result["objects"][0]["label"] and result["objects"][0]["p"] > 0.5
     r = post(client, [("a.png", image_bytes(photos["coffee"], "PNG"), "image/png"),
                       ("b.jpg", image_bytes(photos["rocket"]), None)])
     assert [x["filename"] for x in r.get_json()["results"]] == ["a.png", "b.jpg"]
@@ -158,7 +159,8 @@ def test_image_decoding_takes_turns(tiny_captioner, photos, monkeypatch):
 @pytest.mark.parametrize("query,option", [
     ("?beam_size=0", "beam_size"), ("?beam_size=11", "beam_size"), ("?beam_size=abc", "beam_size"),
     ("?n_best=6", "n_best"), ("?beam_size=2&n_best=3", "n_best"), ("?max_length=0", "max_length"),
-    ("?max_length=1000", "max_length"),
+    ("?max_length=1000", "max_length"), ("?grounding=maybe", "grounding"), ("?concept_threshold=2", "concept_threshold"),
+    ("?max_concepts=-1", "max_concepts"),
 ])
 def test_bad_options_name_the_option(client, photos, query, option):
     message = assert_error(post(client, [("c.jpg", image_bytes(photos["cat"]), None)], query), 400, "invalid_option")
@@ -256,3 +258,29 @@ def test_concurrent_requests_are_batched(tiny_captioner, photos):
     text = app.test_client().get("/metrics").get_data(as_text=True)
     count = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("captioner_batch_images_count")))
     assert count < 1 + 8  # warm-up + fewer model calls than requests
+
+
+def test_grounding_switch_over_http(client, photos):
+    data = image_bytes(photos["cat"])
+    grounded = post(client, [("c.jpg", data, None)]).get_json()["results"][0]
+    plain = post(client, [("c.jpg", data, None)], "?grounding=false").get_json()["results"][0]
+    form = client.post("/v1/captions", data={"image": (io.BytesIO(data), "c.jpg"), "grounding": "0"},
+                       content_type="multipart/form-data").get_json()["results"][0]
+    assert "cat" in grounded["caption"].split() and "cat" not in plain["caption"].split()
+    assert form["caption"] == plain["caption"] and plain["objects"] == grounded["objects"]
+
+
+def test_openapi_options_are_the_libraries(client):
+    import dataclasses
+
+    from captioner.options import DecodeOptions
+
+    spec = client.get("/openapi.json").get_json()
+    params = {p["name"]: p["schema"] for p in spec["paths"]["/v1/captions"]["post"]["parameters"]}
+    assert set(params) == {f.name for f in dataclasses.fields(DecodeOptions)}
+    for name, (low, high) in DecodeOptions.LIMITS.items():
+        assert (params[name]["minimum"], params[name]["maximum"]) == (low, high)
+        assert params[name]["default"] == getattr(DecodeOptions(), name)
+    assert params["grounding"] == {"type": "boolean", "default": True}
+    result = spec["components"]["schemas"]["Captions"]["properties"]["results"]["items"]
+    assert "objects" in result["required"]

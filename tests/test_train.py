@@ -70,7 +70,7 @@ def test_train_then_resume_equals_a_straight_run(tmp_path, dataset, feature_cach
         <= rows[0].keys()
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert [r["lr"] for r in rows] == pytest.approx([5e-3, 5e-3 * lr_factor(1, 30)])
-    config, vocab, tensors, info = read_checkpoint(resumed / "last.safetensors")
+    config, vocab, _, tensors, info = read_checkpoint(resumed / "last.safetensors")
     assert (config.embed_dim, config.hidden_dim, config.cell) == (32, 32, "lstm")
     assert info["epoch"] == 2 and info["train_images"] == 4  # broken.jpg is listed but yields no features
     assert "cat" in vocab.stoi and "cannot" in vocab.stoi  # vocabulary from the train captions, min count 1
@@ -81,7 +81,7 @@ def test_train_then_resume_equals_a_straight_run(tmp_path, dataset, feature_cach
         f.write(json.dumps({**rows[-1], "epoch": 3}) + "\n")
     train(dataset, resumed, feature_cache, "--epochs", 3, "--resume")  # keeps --lr-decay-epochs 30
     assert [r["epoch"] for r in _rows(resumed)] == [1, 2, 3]  # appended, numbering continued
-    assert read_checkpoint(resumed / "last.safetensors")[3]["epoch"] == 3
+    assert read_checkpoint(resumed / "last.safetensors")[4]["epoch"] == 3
 
     train(dataset, straight, feature_cache, "--epochs", 3, "--lr-decay-epochs", 30)
     assert _without_timing(_rows(straight)) == _without_timing(_rows(resumed))
@@ -106,12 +106,13 @@ def test_evaluate_writes_scores_and_captions(tmp_path, dataset, feature_cache, m
                                        "--beam-size", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["split"] == "val" and report["beam_size"] == 2 and report["images"] == 1
+    assert report["split"] == "val" and report["decode"]["beam_size"] == 2 and report["images"] == 1
+    assert report["decode"]["grounding"] is True
     assert report["failed"] == {}
     assert {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "tokenizer"} <= report["scores"].keys()
     assert all(0 <= v for k, v in report["scores"].items() if k != "tokenizer")
     [caption] = report["captions"]
-    assert caption["image"].endswith("astronaut.jpg") and caption["caption"]
+    assert caption["image"].endswith("astronaut.jpg") and caption["caption"] and "objects" in caption
     assert caption["references"] == CAPTIONS["astronaut"]
     assert "CIDEr" in result.output and f"written to {out}" in result.output
     assert report["scores"]["tokenizer"] == "simple" and "Java not found" in result.stderr
@@ -189,3 +190,46 @@ def test_a_finished_run_is_never_overwritten(tmp_path, dataset, feature_cache):
                                        str(feature_cache), "--epochs", "1"])
     assert result.exit_code == 1 and "already holds a training run" in result.output
     assert (run / "best.safetensors").read_bytes() == before
+
+
+def test_text_only_captions_teach_new_words(tmp_path, dataset, feature_cache):
+    """Captions without images widen the vocabulary and train the decoder's concept input:
+    a concept vector for "zebra" makes a model that never saw a zebra photo say zebra."""
+    from captioner.inference import decode_features
+    from captioner.model import beam_search
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(["a zebra stands in a field of grass", "two zebras graze in the field",
+                               "a plate of broccoli on a table", "broccoli and rice on a plate"] * 25) + "\n")
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 6, "--text-data", text, "--lr", 1e-2, "--dropout", 0)
+    captioner = Captioner.from_pretrained(run / "best.safetensors", device="cpu")
+    model, vocab = captioner.model, captioner.vocab
+    assert {"zebra", "zebras", "broccoli", "cat"} <= set(vocab.stoi)
+    assert model.config.num_concepts == len(model.concepts) > 0
+    info = read_checkpoint(run / "best.safetensors")[4]
+    assert info["text_captions"] == 100 and info["train_args"]["text_data"] == [str(text)]
+    # The decoder's concept input alone (no photo) steers it to the concept's sentences.
+    zebra = torch.zeros(1, len(model.concepts))
+    zebra[0, model.concepts.index_of_word["zebra"]] = 0.9
+    (hyps,) = beam_search(model.decoder, torch.zeros(1, model.config.feature_dim), concepts=zebra)
+    assert "zebra" in vocab.decode(hyps[0][0]) or "zebras" in vocab.decode(hyps[0][0])
+    # Grounded decoding of a real photo still works end to end.
+    result = captioner.caption(dataset.parent / "cat.jpg")
+    assert "cat" in result["caption"].split() and result["objects"][0]["word"] == "cat"
+    assert decode_features(model, vocab, torch.zeros(2, model.config.feature_dim))[0]["caption"]
+
+
+def test_no_concepts_and_text_data_errors(tmp_path, dataset, feature_cache):
+    run = tmp_path / "plain"
+    train(dataset, run, feature_cache, "--epochs", 1, "--no-concepts")
+    assert read_checkpoint(run / "best.safetensors")[0].num_concepts == 0
+    assert Captioner.from_pretrained(run / "best.safetensors", device="cpu").caption(dataset.parent / "cat.jpg")["objects"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "e"), "--cache-dir",
+                                       str(feature_cache), "--text-data", str(empty)])
+    assert result.exit_code == 1 and "empty.txt: no captions" in result.output
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "f"), "--cache-dir",
+                                       str(feature_cache), "--text-data", str(dataset), "--fine-tune-encoder"])
+    assert result.exit_code == 1 and "cannot be combined" in result.output

@@ -11,10 +11,13 @@ async function captionFile(file) {
   $("caption").textContent = "Captioning\u2026";
   $("caption").dataset.state = "pending";
   $("alternatives").replaceChildren();
+  $("objects").replaceChildren();
   $("meta").textContent = "";
   const form = new FormData();
   form.append("image", file, file.name);
-  const query = new URLSearchParams({ beam_size: $("beam_size").value, n_best: $("n_best").value });
+  const query = new URLSearchParams({
+    beam_size: $("beam_size").value, n_best: $("n_best").value, grounding: $("grounding").checked,
+  });
   try {
     const response = await fetch(`/v1/captions?${query}`, { method: "POST", body: form });
     const body = await response.json();
@@ -22,6 +25,12 @@ async function captionFile(file) {
     const result = body.results[0];
     $("caption").textContent = result.caption;
     $("caption").dataset.state = "done";
+    for (const obj of result.objects) {
+      const tag = document.createElement("li");
+      tag.textContent = `${obj.word} ${Math.round(obj.p * 100)}%`;
+      tag.title = `${obj.label} (ImageNet class), p = ${obj.p.toFixed(2)}`;
+      $("objects").append(tag);
+    }
     for (const alt of result.alternatives) {
       const li = document.createElement("li");
       li.textContent = `${alt.caption} (${alt.score.toFixed(2)})`;
