@@ -180,6 +180,9 @@ def caption(paths, recursive, output, fmt, decode, batch_size, workers, device, 
 @click.option("--text-data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Captions without images (COCO captions json, CSV/JSONL with a caption column, or "
                    "one caption a line), trained alongside the pairs for a broader vocabulary. Repeatable.")
+@click.option("--text-sample", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of the --text-data captions drawn afresh for each epoch: less weighs the "
+                   "image-caption pairs more (and makes epochs shorter).")
 @click.option("--concepts/--no-concepts", default=True, show_default=True,
               help="Give the decoder the encoder classifier's concept vector.")
 @click.option("--feature-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
@@ -201,7 +204,7 @@ def caption(paths, recursive, output, fmt, decode, batch_size, workers, device, 
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where image features are cached (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
 def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encoder_lr, embed_dim, hidden_dim,
-          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, concepts,
+          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, text_sample, concepts,
           feature_dropout, decode, patience, select_metric, clip_grad, val_fraction, seed, device, workers, amp,
           fine_tune_encoder, resume, cache_dir):
     """Train a captioner; the best checkpoint is OUT/best.safetensors. Validation captions
@@ -217,7 +220,7 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
             encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
             cell=cell, dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
             max_caption_length=max_caption_length, beam_size=decode.beam_size, patience=patience,
-            text_data=text_data, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
+            text_data=text_data, text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
             select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed,
             device=device, num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder,
             resume=resume, cache_dir=cache_dir or DEFAULT_CACHE_DIR)

@@ -238,10 +238,10 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
           max_caption_length=20, beam_size=3, seed=0, device="auto", fine_tune_encoder=False,
           resume=False, patience=5, clip_grad=5.0, label_smoothing=0.1, num_workers=None,
           cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr", lr_decay_epochs=None,
-          text_data=(), concepts=True, feature_dropout=0.0, decode=None):
+          text_data=(), text_sample=1.0, concepts=True, feature_dropout=0.0, decode=None):
     """Train a captioner on `data` (plus the caption-only files `text_data`) and write
     best.safetensors, last.safetensors, train_state.pt, metrics.jsonl and curves.png to
-    `out`. `concepts` gives the decoder the classifier's concept vector; `decode` (a
+    `out`; each epoch draws the share `text_sample` of the text-only captions. `concepts` gives the decoder the classifier's concept vector; `decode` (a
     DecodeOptions) is how validation captions are decoded, the users' default if None.
     Returns a summary dict."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
@@ -284,6 +284,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
 
     train_idx, train_tokens = encode_captions(train_set, vocab, max_caption_length)
     train_paths = [r.image for r in train_set]
+    n_text = n_text_drawn = 0  # text-only captions, and those drawn for each epoch
     if fine_tune_encoder:
         pairs = PairsWithImages(train_paths, train_idx.tolist(), train_tokens)
         workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
@@ -309,8 +310,14 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         train_idx = torch.cat([train_idx, torch.full((len(text_tokens),), -1, dtype=torch.long)])
         train_tokens = torch.cat([train_tokens, text_tokens])
 
+        n_text = len(text_tokens)
+        n_text_drawn = round(n_text * text_sample)
+
         def make_batches():
-            order = torch.randperm(len(train_idx))
+            # Every pair, and a fresh draw of `text_sample` of the text-only captions, shuffled.
+            drawn = torch.randperm(n_text)[:n_text_drawn] + (len(train_idx) - n_text)
+            rows = torch.cat([torch.arange(len(train_idx) - n_text), drawn])
+            order = rows[torch.randperm(len(rows))]
             for s in range(0, len(order), batch_size):
                 j = order[s:s + batch_size]
                 idx = train_idx[j]
@@ -332,6 +339,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         val_features_fn = lambda: (val_features, val_set)  # noqa: E731
     if len(train_idx) == 0:
         raise ValueError(f"{data}: no usable training captions")
+    epoch_rows = len(train_idx) - n_text + n_text_drawn  # captions per epoch
 
     decoder_params = list(model.decoder.parameters())
     groups = [{"params": decoder_params, "lr": lr}]
@@ -377,11 +385,11 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             group["lr"] = base_lr * lr_factor(epoch, lr_decay_epochs)
         loss, n_captions, skipped = train_one_epoch(
             model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,
-            desc=f"epoch {epoch + 1}/{epochs}", steps=math.ceil(len(train_idx) / batch_size))
+            desc=f"epoch {epoch + 1}/{epochs}", steps=math.ceil(epoch_rows / batch_size))
         train_time = time.time() - t0
         scores, _ = evaluate_features(model, vocab, *val_features_fn(), decode)
         current_lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "lr": current_lr,
+        row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "lr": current_lr, "captions": n_captions,
                "train_time_s": round(train_time, 1), "captions_per_s": round(n_captions / train_time, 1),
                "epoch_time_s": round(time.time() - t0, 1), "skipped_images": skipped,
                **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "tokenizer"}}

@@ -214,10 +214,19 @@ def test_text_only_captions_teach_new_words(tmp_path, dataset, feature_cache):
     zebra[0, model.concepts.index_of_word["zebra"]] = 0.9
     (hyps,) = beam_search(model.decoder, torch.zeros(1, model.config.feature_dim), concepts=zebra)
     assert "zebra" in vocab.decode(hyps[0][0]) or "zebras" in vocab.decode(hyps[0][0])
+    assert [r["captions"] for r in _rows(run)] == [6 + 100] * 6  # 3 train photos x 2 captions + the text
     # Grounded decoding of a real photo still works end to end.
     result = captioner.caption(dataset.parent / "cat.jpg")
     assert "cat" in result["caption"].split() and result["objects"][0]["word"] == "cat"
     assert decode_features(model, vocab, torch.zeros(2, model.config.feature_dim))[0]["caption"]
+
+
+def test_text_sample_draws_a_share_of_the_text_each_epoch(tmp_path, dataset, feature_cache):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"a zebra number {i} stands in a field" for i in range(40)) + "\n")
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 2, "--text-data", text, "--text-sample", 0.25)
+    assert [r["captions"] for r in _rows(run)] == [6 + 10] * 2
 
 
 def test_no_concepts_and_text_data_errors(tmp_path, dataset, feature_cache):
