@@ -48,10 +48,6 @@ class ConceptMap:
     def __len__(self):
         return len(self.words)
 
-    @property
-    def heads(self):
-        return [w[0] for w in self.words]
-
     @classmethod
     def from_tsv(cls, path=CONCEPTS_FILE):
         """Read `index, wnid, label, words` rows (words: space-separated, head first)."""

@@ -312,11 +312,12 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
 
         n_text = len(text_tokens)
         n_text_drawn = round(n_text * text_sample)
+        n_pairs = len(train_idx) - n_text  # rows before n_pairs are photo captions, the rest text
 
         def make_batches():
             # Every pair, and a fresh draw of `text_sample` of the text-only captions, shuffled.
-            drawn = torch.randperm(n_text)[:n_text_drawn] + (len(train_idx) - n_text)
-            rows = torch.cat([torch.arange(len(train_idx) - n_text), drawn])
+            drawn = torch.randperm(n_text)[:n_text_drawn] + n_pairs
+            rows = torch.cat([torch.arange(n_pairs), drawn])
             order = rows[torch.randperm(len(rows))]
             for s in range(0, len(order), batch_size):
                 j = order[s:s + batch_size]
@@ -332,9 +333,8 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
                     conc[photo.to(device)] = train_concepts[idx[photo].to(device)]
                     text_rows = (~photo).nonzero().flatten()
                     if len(text_rows):
-                        base = len(train_idx) - len(text_tokens)
                         conc[text_rows.to(device)] = noisy_concepts(
-                            [text_concepts[int(j[r]) - base] for r in text_rows], config.num_concepts).to(device)
+                            [text_concepts[int(j[r]) - n_pairs] for r in text_rows], config.num_concepts).to(device)
                 yield feats, conc, train_tokens[j], 0
         val_features_fn = lambda: (val_features, val_set)  # noqa: E731
     if len(train_idx) == 0:
