@@ -18,6 +18,11 @@ COPY weights ./weights
 RUN useradd --system --uid 10001 --home-dir /app captioner && chown -R captioner /app
 USER captioner
 
+# Export the shipped model's encoder to ONNX at build time, so that the `auto` backend
+# (ONNX Runtime on a CPU) starts without an export in every new container.
+ENV CAPTIONER_CACHE=/app/.cache/captioner
+RUN python -c "from captioner.inference import Captioner; Captioner.from_pretrained('/app/weights/model.safetensors', device='cpu', backend='onnx')"
+
 ENV CAPTIONER_BIND=0.0.0.0:8000 CAPTIONER_WORKERS=1 CAPTIONER_WEIGHTS=/app/weights/model.safetensors
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -69,8 +69,9 @@ def main():
     rows = []
     print(f"{'weights':28s} {'grounding':>18s} | coco-dev CIDEr BLEU-4 | imagenet named | flickr-dev CIDEr")
     for weights in args.weights:
-        captioner = Captioner.from_pretrained(weights, device="cpu")
-        feats = {name: compute_features(captioner.model, paths, captioner.device, num_workers=1)[0]
+        captioner = Captioner.from_pretrained(weights, device="cpu", backend="torch")
+        # fp32 features: the thresholds were chosen on them, and the backends are judged against them
+        feats = {name: compute_features(captioner.model, paths, captioner.device, num_workers=1, backend="torch")[0]
                  for name, paths in (("coco", [r.image for r in coco]), ("flickr", [r.image for r in flickr]),
                                      ("imagenet", [p for p, _ in imagenet]))}
         for options in settings:

@@ -1,12 +1,13 @@
 """Serving throughput: `captioner serve` on loopback under N concurrent clients, against
 the CLI's batch pipeline on the same images in the same run.
 
-Prints served images/s, p50/p95 request latency, and served/CLI images/s. Each request
+Prints served images/s, p50/p95 request latency, served/CLI images/s and the count of 5xx answers. Each request
 carries one photo (1600x1200 JPEG made from the bundled examples), beam size 3.
 
-    .venv/bin/python benchmarks/serve.py [--clients 8] [--requests 200] [--workers 1]
+    .venv/bin/python benchmarks/serve.py [--clients 8] [--requests 200] [--workers N]
 """
 import argparse
+import json
 import os
 import signal
 import socket
@@ -15,14 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from caption_folder import make_folder, pipeline  # same folder
 
-from captioner.inference import Captioner
-from captioner.options import DecodeOptions
+from captioner.inference import file_captioner
+from captioner.options import DecodeOptions, default_server_workers
 
 
 def free_port():
@@ -32,12 +34,16 @@ def free_port():
 
 
 def post(url, data):
+    """-> (seconds, HTTP status)."""
     req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "image/jpeg"})
     t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as r:
-        r.read()
-        assert r.status == 200
-    return time.perf_counter() - t0
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    return time.perf_counter() - t0, status
 
 
 def wait_ready(base, proc, timeout=180):
@@ -58,7 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=default_server_workers(), help="default: as captioner serve")
     parser.add_argument("--images", type=int, default=32, help="distinct photos to cycle through")
     args = parser.parse_args()
 
@@ -77,27 +83,32 @@ def main():
                 post(base + "/v1/captions", data)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
-                latencies = list(pool.map(lambda i: post(base + "/v1/captions", payloads[i % len(payloads)]),
-                                          range(args.requests)))
+                answers = list(pool.map(lambda i: post(base + "/v1/captions", payloads[i % len(payloads)]),
+                                        range(args.requests)))
             served = args.requests / (time.perf_counter() - t0)
+            backend = json.loads(urllib.request.urlopen(base + "/readyz").read())["backend"]
+            latencies = [t for t, _ in answers]
+            server_errors = sum(status >= 500 for _, status in answers)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
         # The CLI's pipeline on the same sequence of images the clients sent.
         sequence = [paths[i % len(paths)] for i in range(args.requests)]
-        captioner = Captioner.from_pretrained(device="cpu")
+        captioner = file_captioner(device="cpu")  # what `captioner caption` runs
         options = DecodeOptions(beam_size=3)  # what the server uses by default: grounded, beam 3
         pipeline(captioner, paths[:4], options, 32, None)  # warm-up
         cli = pipeline(captioner, sequence, options, 32, None)
 
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-    print(f"{args.requests} requests, {args.clients} clients, {args.workers} worker(s), {os.cpu_count()} cpus, beam 3")
+    print(f"{args.requests} requests, {args.clients} clients, {args.workers} worker(s), {os.cpu_count()} cpus, "
+          f"beam 3, backend {backend} (CLI: {captioner.backend})")
     print(f"served          : {served:7.1f} images/s")
     print(f"latency p50/p95 : {statistics.median(latencies) * 1000:7.0f} / {p95 * 1000:.0f} ms")
     print(f"CLI batch       : {cli:7.1f} images/s ({args.requests} images, batch 32)")
     print(f"served / CLI    : {served / cli:7.2f}")
+    print(f"5xx answers     : {server_errors}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
-from .options import DecodeOptions
+from .options import BACKENDS, DEFAULT_BACKEND, DecodeOptions, default_server_workers
 
+log = logging.getLogger("captioner")
 OUTPUT_FORMATS = ("jsonl", "csv", "txt")
+CSV_COLUMNS = ["path", "caption", "score", "objects", "error"]
 _DEFAULT = DecodeOptions()
 _LIMITS = DecodeOptions.LIMITS
 
@@ -55,6 +57,11 @@ def decode_flags(*names):
     return decorate
 
 
+backend_flag = click.option(
+    "--backend", default=DEFAULT_BACKEND, show_default=True, type=click.Choice(BACKENDS),
+    help="How the encoder runs: auto picks the fastest backend that captions as well as torch fp32 here.")
+
+
 def _setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
@@ -67,13 +74,14 @@ def main():
 
 class RecordWriter:
     """Writes one record per input file as soon as it is known (nothing is lost if a long
-    run is interrupted)."""
+    run is interrupted). `header=False` when appending to a CSV that has one."""
 
-    def __init__(self, stream, fmt):
+    def __init__(self, stream, fmt, header=True):
         self.stream, self.fmt = stream, fmt
         if fmt == "csv":
             self.csv = csv.writer(stream)
-            self.csv.writerow(["path", "caption", "score", "objects", "error"])
+            if header:
+                self.csv.writerow(CSV_COLUMNS)
 
     def write(self, record):
         if self.fmt == "jsonl":
@@ -88,48 +96,138 @@ class RecordWriter:
         self.stream.flush()
 
 
+def recorded_paths(output, fmt):
+    """The paths an earlier run already wrote to `output` (for --resume). A last line cut
+    short by a crash is removed, so that appending starts on a fresh line."""
+    with open(output, "rb+") as f:
+        data = f.read()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            log.warning("%s: removing an incomplete last line (%d bytes) left by an interrupted run", output,
+                        len(data) - complete)
+            f.truncate(complete)
+            data = data[:complete]
+    lines = data.decode("utf-8", errors="surrogateescape").splitlines()
+    if fmt == "jsonl":
+        done = set()
+        for n, line in enumerate(lines, 1):
+            try:
+                done.add(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                raise click.ClickException(f"--resume: {output} line {n} is not a caption record; "
+                                           "is it the output of this command?") from None
+        return done
+    if fmt == "csv":
+        rows = list(csv.reader(lines))
+        if rows and rows[0] != CSV_COLUMNS:
+            raise click.ClickException(f"--resume: {output} does not start with the header {','.join(CSV_COLUMNS)}")
+        return {row[0] for row in rows[1:] if row}
+    return {line.split("\t", 1)[0] for line in lines}
+
+
+def read_file_list(stream):
+    """Paths from --files-from: one a line, blank lines skipped."""
+    return [Path(line.rstrip("\r\n")) for line in stream if line.strip()]
+
+
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--files-from", type=click.File("r", encoding="utf-8", errors="surrogateescape"),
+              help="Also caption the paths listed in this file, one a line ('-' for standard input).")
 @click.option("--recursive", "-r", is_flag=True, help="Also caption images in sub-folders.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write records to this file instead of standard output.")
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS),
-              help="Record format (default: from --output's extension, else jsonl).")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Write records to this file instead of standard output (with --engine ray: a folder).")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS + ("parquet",)),
+              help="Record format (default: from --output's extension, else jsonl; parquet only with --engine ray).")
+@click.option("--resume", is_flag=True,
+              help="Append to --output and skip every path it already records (after a crash or Ctrl-C).")
 @decode_flags("beam_size", "n_best", "max_length", "length_alpha", "grounding", "concept_threshold", "max_concepts")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--workers", default=None, type=click.IntRange(0, 64),
-              help="Image-decoding worker processes (default: up to 4).")
+              help="Image-decoding worker processes (default: half the cores, up to 4).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Checkpoint to use (default: the shipped weights/).")
-def caption(paths, recursive, output, fmt, decode, batch_size, workers, device, weights):
+@backend_flag
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this process; ray: Ray Data, on a local Ray instance or a cluster (--address).")
+@click.option("--actors", default=1, show_default=True, type=click.IntRange(1),
+              help="Ray engine: model replicas (each loads the model once).")
+@click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Ray engine: GPUs each model replica reserves (0: CPU).")
+@click.option("--address", default=None, help="Ray engine: a running cluster to join ('auto', or ray://host:10001).")
+def caption(paths, files_from, recursive, output, fmt, resume, decode, batch_size, workers, device, weights, backend,
+            engine, actors, gpus_per_actor, address):
     """Caption image files and folders. One record per file: {"path", "caption", "score",
     "objects"} or {"path", "error"}. Exit status 0 if every file was captioned, 1 if some
     failed."""
+    listed = read_file_list(files_from) if files_from else []
+    if not paths and not files_from:
+        raise click.UsageError("give image files or folders, or --files-from LIST")
+    missing = [p for p in paths if not p.exists() and not (engine == "ray" and "://" in str(p))]
+    if missing:
+        raise click.UsageError(f"path {str(missing[0])!r} does not exist")
+    if resume and not output:
+        raise click.UsageError("--resume needs --output (the file or folder to continue)")
+    if engine == "ray":
+        from .cluster import caption_with_ray
+
+        if not output:
+            raise click.UsageError("--engine ray writes sharded files: give an --output folder")
+        _setup_logging()
+        try:
+            summary = caption_with_ray([*map(str, paths), *map(str, listed)], output, fmt or "jsonl", decode,
+                                       recursive=recursive, resume=resume, weights=weights, backend=backend,
+                                       batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                                       address=address)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e))
+        click.echo(f"{summary['captioned']} captioned, {summary['failed']} failed, {summary['skipped']} already "
+                   f"done; records in {output}", err=True)
+        sys.exit(1 if summary["failed"] else 0)
+    _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batch_size, workers, device, weights,
+                     backend)
+
+
+def _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batch_size, workers, device, weights,
+                     backend):
     from tqdm import tqdm
 
     from .checkpoint import CheckpointError
     from .images import find_images
-    from .inference import Captioner
+    from .inference import file_captioner
 
+    _setup_logging()
     if fmt is None:
         suffix = output.suffix.lower().lstrip(".") if output else ""
         fmt = suffix if suffix in OUTPUT_FORMATS else "jsonl"
-    files = find_images(paths, recursive)
+    if fmt == "parquet":
+        raise click.UsageError("--format parquet is for --engine ray (sharded output); use jsonl or csv here")
+    if output and output.is_dir():
+        raise click.UsageError(f"--output {output} is a folder; give a file")
+    files = find_images(paths, recursive) + [f for p in listed for f in
+                                             (find_images([p], recursive) if p.is_dir() else [p])]
     if not files:
         raise click.UsageError("no image files found (extensions: jpg jpeg png gif bmp webp tif tiff; "
                                "use --recursive for sub-folders)")
+    append = bool(resume and output.is_file() and output.stat().st_size)
+    if append:
+        done = recorded_paths(output, fmt)
+        total = len(files)
+        files = [f for f in files if str(f) not in done]
+        click.echo(f"--resume: {total - len(files)} of {total} files already in {output}; "
+                   f"captioning the other {len(files)}", err=True)
     try:
-        captioner = Captioner.from_pretrained(weights, device=device)
-    except (CheckpointError, ValueError) as e:
+        captioner = file_captioner(weights, device=device, backend=backend)
+    except (CheckpointError, ValueError, OSError) as e:
         raise click.ClickException(str(e))
     try:
         if output:
             output.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+        stream = open(output, "a" if append else "w", newline="", encoding="utf-8") if output else sys.stdout
     except OSError as e:
         raise click.FileError(str(output), hint=e.strerror or str(e))
-    writer = RecordWriter(stream, fmt)
+    writer = RecordWriter(stream, fmt, header=not append)
     failures = 0
     try:
         with tqdm(total=len(files), desc="captioning", unit="img", file=sys.stderr) as bar:
@@ -201,16 +299,23 @@ def caption(paths, recursive, output, fmt, decode, batch_size, workers, device, 
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
 @click.option("--fine-tune-encoder", is_flag=True, help="Train the CNN too (slow on a CPU).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--init-from", default=None, metavar="CHECKPOINT",
+              help="Start from a trained model ('default' for the shipped one): its architecture and "
+                   "vocabulary, extended with the new data's words.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where image features are cached (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
+@backend_flag
 def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encoder_lr, embed_dim, hidden_dim,
           num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, text_sample, concepts,
           feature_dropout, decode, patience, select_metric, clip_grad, val_fraction, seed, device, workers, amp,
-          fine_tune_encoder, resume, cache_dir):
+          fine_tune_encoder, resume, init_from, cache_dir, backend):
     """Train a captioner; the best checkpoint is OUT/best.safetensors. Validation captions
     are decoded with the --beam-size and grounding options that users will get."""
+    from .checkpoint import CheckpointError
     from .data import DataError
-    from .train import DEFAULT_CACHE_DIR, train as run_training
+    from .inference import DEFAULT_WEIGHTS
+    from .backends import DEFAULT_CACHE_DIR
+    from .train import train as run_training
 
     _setup_logging()
     try:
@@ -223,8 +328,9 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
             text_data=text_data, text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
             select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed,
             device=device, num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder,
-            resume=resume, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
-    except (DataError, ValueError, FileNotFoundError) as e:
+            resume=resume, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
+            init_from=DEFAULT_WEIGHTS if init_from == "default" else init_from, backend=backend)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     click.echo(f"best val {summary['metric']} {summary['best']:.4f}; model: {out / 'best.safetensors'}")
 
@@ -247,8 +353,9 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
                    "--checkpoint, or in the current folder for the shipped weights).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
+@backend_flag
 def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, workers, output,
-             val_fraction, seed):
+             val_fraction, seed, backend):
     """Score a checkpoint with the coco-caption metrics on one split of a dataset."""
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -262,12 +369,13 @@ def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, w
     try:
         report = evaluate_checkpoint(checkpoint, data, split, fmt=fmt, images=images, decode=decode,
                                      batch_size=batch_size, device=device,
-                                     num_workers=workers, val_fraction=val_fraction, seed=seed)
+                                     num_workers=workers, val_fraction=val_fraction, seed=seed,
+                                     backend=backend)
     except (CheckpointError, DataError, ValueError) as e:
         raise click.ClickException(str(e))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    click.echo(f"{report['images']} images, split {split}, beam {decode.beam_size}, "
+    click.echo(f"{report['images']} images, split {split}, backend {report['backend']}, beam {decode.beam_size}, "
                f"grounding {'on' if decode.grounding else 'off'}, tokenizer {report['scores']['tokenizer']}")
     if report["scores"]["tokenizer"] != "ptb":
         click.echo("note: Java not found, so METEOR is missing and the PTB tokenizer was replaced by a "
@@ -279,21 +387,56 @@ def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, w
 
 
 @main.command()
+@click.option("--weights", type=click.Path(exists=True, path_type=Path),
+              help="Checkpoint whose encoder to export (default: the shipped weights/).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="ONNX file to write.")
+@click.option("--int8", is_flag=True, help="Quantise to int8 (static, per-channel), calibrated on real photos.")
+@click.option("--calibration", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of photos for int8 calibration (default: the bundled examples/).")
+def export(weights, out, int8, calibration):
+    """Export a checkpoint's encoder to ONNX, for deploying it elsewhere: input `pixels`
+    (B, 3, 224, 224), preprocessed as captioner.images.preprocess does; output `features`
+    (B, 1280), the pooled vector the decoder starts from."""
+    import tempfile
+
+    from .backends import export_onnx, quantize_int8
+    from .checkpoint import CheckpointError, load_model
+    from .inference import DEFAULT_WEIGHTS
+
+    _setup_logging()
+    try:
+        model, _, _ = load_model(weights or DEFAULT_WEIGHTS)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if int8:
+            with tempfile.TemporaryDirectory() as tmp:
+                quantize_int8(export_onnx(model.encoder, Path(tmp) / "fp32.onnx"), out, calibration)
+        else:
+            export_onnx(model.encoder, out)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'int8' if int8 else 'fp32'})")
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="gunicorn worker processes; each loads the model and gets cores/workers torch threads.")
+@click.option("--workers", default=None, type=click.IntRange(1, 64),
+              help="gunicorn worker processes (default: one per core, up to 4); each loads the model "
+                   "and gets cores/workers threads.")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Checkpoint to serve (default: the shipped weights/).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def serve(host, port, workers, weights, device):
+@backend_flag
+def serve(host, port, workers, weights, device, backend):
     """Serve the HTTP API and upload page with gunicorn (server/gunicorn.conf.py)."""
     import os
 
     import server
 
     conf = Path(server.__file__).resolve().parent / "gunicorn.conf.py"
-    env = {**os.environ, "CAPTIONER_DEVICE": device, "CAPTIONER_WORKERS": str(workers)}
+    workers = workers or default_server_workers()
+    env = {**os.environ, "CAPTIONER_DEVICE": device, "CAPTIONER_WORKERS": str(workers),
+           "CAPTIONER_BACKEND": backend}
     if weights:
         env["CAPTIONER_WEIGHTS"] = str(weights.resolve())
     argv = [sys.executable, "-m", "gunicorn", "-c", str(conf), "--bind", f"{host}:{port}",

@@ -2,20 +2,21 @@
 import time
 
 from .data import normalise_split, read_dataset
-from .inference import Captioner
+from .inference import file_captioner
 from .metrics import score_captions
-from .options import DecodeOptions
+from .options import DEFAULT_BACKEND, DecodeOptions
 
 
 def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None, decode=None,
-                        batch_size=64, device="auto", num_workers=None, val_fraction=0.1, seed=0):
+                        batch_size=64, device="auto", num_workers=None, val_fraction=0.1, seed=0,
+                        backend=DEFAULT_BACKEND):
     """-> {"checkpoint", "data", "split", "decode", "images", "scores", "captions"}, captions
     decoded with `decode` (a DecodeOptions; n_best is 1). Unreadable images are reported,
     not scored."""
     from tqdm import tqdm
 
     split = "all" if split == "all" else normalise_split(split)  # "all": a set that is only for scoring
-    captioner = Captioner.from_pretrained(checkpoint, device=device)
+    captioner = file_captioner(checkpoint, device=device, backend=backend)
     records = [r for r in read_dataset(data, fmt, images, val_fraction=val_fraction, seed=seed)
                if split in ("all", r.split)]
     if not records:
@@ -36,7 +37,8 @@ def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None,
     references = {str(r.image): r.captions for r in records if str(r.image) in predictions}
     scores = score_captions(predictions, references)
     return {
-        "checkpoint": str(checkpoint), "data": str(data), "split": split, "decode": decode.to_dict(),
+        "checkpoint": str(checkpoint), "data": str(data), "split": split, "backend": captioner.backend,
+        "decode": decode.to_dict(),
         "images": len(predictions), "failed": failed, "caption_seconds": round(elapsed, 1),
         "scores": scores,
         "captions": [{"image": k, "caption": v, "objects": objects[k], "references": references[k]}

@@ -13,6 +13,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .backends import decoding_workers
 from .encoder import IMAGE_SIZE, MEAN, STD
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -68,7 +69,7 @@ def load_image(source, max_pixels=MAX_PIXELS):
             img.seek(0)
         if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
             # DCT-domain downscaling: decodes a 12 MP photo several times faster.
-            img.draft(img.mode, (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
+            img.draft(img.mode, (IMAGE_SIZE, IMAGE_SIZE))
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
@@ -160,8 +161,8 @@ def collate_images(items):
 
 def image_loader(paths, batch_size=32, num_workers=None, transform=preprocess):
     """Batches of decoded images, in order, decoded by worker processes."""
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
+    if num_workers is None:  # the other cores encode and beam-search (Captioner.caption_files)
+        num_workers = decoding_workers()
     return torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
         collate_fn=collate_images, pin_memory=torch.cuda.is_available(),

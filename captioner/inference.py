@@ -1,11 +1,13 @@
 """The one inference path: the CLI, the server and training's validation all call
 `Captioner` (or the decoding functions it wraps)."""
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .backends import DEFAULT_BACKEND, load_backend, pipeline_threads, resolve_backend
 from .checkpoint import load_model
 from .images import image_loader, load_image, preprocess
 from .model import beam_search, greedy_search
@@ -79,28 +81,37 @@ class Captioner:
     >>> captioner.caption("photo.jpg")["caption"]
     """
 
-    def __init__(self, model, vocab, device="cpu", info=None):
+    def __init__(self, model, vocab, device="cpu", info=None, backend=DEFAULT_BACKEND, cache_dir=None,
+                 threads=None):
+        """`backend` runs the encoder (backends.BACKENDS; "auto" picks the fastest one that
+        captions as well as torch fp32 on this machine); `cache_dir` holds exported ONNX
+        files; `threads` caps the encoder's threads (default: the cores this process has)."""
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.model.encoder.to(memory_format=torch.channels_last)
         self.vocab = vocab
         self.info = info or {}
+        self.encoder = load_backend(self.model.encoder, backend, self.device, cache_dir, threads)
 
     @classmethod
-    def from_pretrained(cls, path=None, device="auto"):
+    def from_pretrained(cls, path=None, device="auto", backend=DEFAULT_BACKEND, cache_dir=None, threads=None):
         """Load a checkpoint file (or a folder holding model.safetensors); None means the
         default model shipped in weights/. Raises CheckpointError with a clear message."""
         model, vocab, info = load_model(path or DEFAULT_WEIGHTS)
-        return cls(model, vocab, device, info)
+        return cls(model, vocab, device, info, backend, cache_dir, threads)
 
     @property
     def name(self):
         return self.info.get("name", "captioner")
 
+    @property
+    def backend(self):
+        """The encoder backend in use ("auto" resolved)."""
+        return self.encoder.name
+
     @torch.inference_mode()
     def encode_images(self, pixels):
-        """(B, 3, 224, 224) preprocessed pixels -> (B, feature_dim) features."""
-        return self.model.encode_images(pixels.to(self.device, non_blocking=True))
+        """(B, 3, 224, 224) preprocessed pixels -> (B, feature_dim) float32 features."""
+        return self.encoder(pixels).to(self.device)
 
     @torch.inference_mode()
     def caption_pixels(self, pixels, options=None, **overrides):
@@ -111,15 +122,36 @@ class Captioner:
         return decode_features(self.model, self.vocab, features, options)
 
     def caption_files(self, paths, options=None, batch_size=32, num_workers=None, **overrides):
-        """Caption image files in batches while worker processes decode the next batch.
-        Yields (index into paths, result dict or None, error message or None) for every
-        file, in order: an unreadable file gets its error and the rest go on."""
+        """Caption image files in batches. Yields (index into paths, result dict or None,
+        error message or None) for every file, in order: an unreadable file gets its error
+        and the rest go on. Worker processes decode the JPEGs of later batches meanwhile."""
         options = decode_options(options, overrides)
-        for idx, pixels, errors in image_loader(paths, batch_size, num_workers):
-            results = dict(zip(idx, self.caption_pixels(pixels, options), strict=True)) \
-                if pixels is not None else {}
+        batches = (((idx, errors), pixels) for idx, pixels, errors in image_loader(paths, batch_size, num_workers))
+        for (idx, errors), results in self.caption_batches(batches, options):
+            results = dict(zip(idx, results, strict=True)) if results else {}
             for i in sorted(set(idx) | set(errors)):
                 yield i, results.get(i), errors.get(i)
+
+    def caption_batches(self, batches, options=None):
+        """Caption an iterable of (key, pixels or None) batches; yields (key, [result dict
+        per image] or None) in order. The encoder runs batch n+1 while a second thread
+        beam-searches batch n (torch and ONNX Runtime release the GIL inside their kernels,
+        so the two threads use two cores)."""
+        options = options or DecodeOptions()
+        with ThreadPoolExecutor(1, thread_name_prefix="beam-search") as decoder:
+            pending = None
+            for key, pixels in batches:
+                future = decoder.submit(self._decode, self.encode_images(pixels), options) \
+                    if pixels is not None else None
+                if pending:
+                    yield pending[0], pending[1].result() if pending[1] else None
+                pending = key, future
+            if pending:
+                yield pending[0], pending[1].result() if pending[1] else None
+
+    @torch.inference_mode()  # inference mode is per thread: the decoding thread needs its own
+    def _decode(self, features, options):
+        return decode_features(self.model, self.vocab, features, options)
 
     def caption(self, images, options=None, **overrides):
         """Caption a path, PIL image, bytes or binary file, or a list of them. A single input
@@ -134,6 +166,18 @@ class Captioner:
         pixels = torch.stack([preprocess(load_image(x)) for x in items])
         results = self.caption_pixels(pixels, options)
         return results[0] if single else results
+
+
+def file_captioner(weights=None, device="auto", backend=DEFAULT_BACKEND):
+    """A Captioner set up for `caption_files` on this machine (the CLI, evaluation and the
+    folder benchmark use it): on a CPU, threads for the encoder and the beam-search thread,
+    which run at the same time, as backends.pipeline_threads measured best."""
+    device = resolve_device(device)
+    threads = None
+    if device.type == "cpu":
+        threads = pipeline_threads(resolve_backend(backend, device))
+        torch.set_num_threads(threads)
+    return Captioner.from_pretrained(weights, device=device, backend=backend, threads=threads)
 
 
 def decode_options(options=None, overrides=None):

@@ -15,6 +15,7 @@ own words, noised to look like a classifier's output; a photo gets the concept v
 the encoder's classifier. Dropping some photos' features (`--feature-dropout`) teaches the
 decoder to lean on the concepts when the feature says little (a kitchen to a Flickr8k model).
 """
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
+from .backends import DEFAULT_BACKEND, DEFAULT_CACHE_DIR, load_backend
+from .checkpoint import read_checkpoint, save_checkpoint
 from .concepts import ConceptMap, shipped_concepts
 from .data import Record, read_dataset, read_text_captions
 from .encoder import ENCODER_NAME
@@ -42,44 +44,50 @@ from .vocab import PAD_ID, UNK_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 # Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
-FEATURE_CACHE_VERSION = f"{ENCODER_NAME}-squash224-v1"
-DEFAULT_CACHE_DIR = Path(os.environ.get("CAPTIONER_CACHE", Path.home() / ".cache" / "captioner"))
+FEATURE_CACHE_VERSION = f"{ENCODER_NAME}-squash224-v2"  # v2: JPEGs drafted to 224, not 448
 
 
 # ---------------------------------------------------------------- image features
 
-def _cache_key(path):
+def _cache_key(path, backend="torch"):
     stat = Path(path).stat()
     raw = f"{FEATURE_CACHE_VERSION}|{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if backend != "torch":  # torch fp32 keeps the keys it always had
+        raw += f"|{backend}"
     return hashlib.sha1(raw.encode()).hexdigest()
 
 
 @torch.inference_mode()
-def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=64, num_workers=None):
-    """Pooled encoder features for `paths`, computed once and cached on disk, keyed by
-    image file (path, size, mtime) and encoder version. -> (features (N, D) float32 with
-    zeros where the image failed, list of bool ok)."""
+def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=64, num_workers=None,
+                     backend=DEFAULT_BACKEND):
+    """Pooled encoder features for `paths`, computed once with the encoder `backend` and
+    cached on disk, keyed by image file (path, size, mtime), encoder version and backend.
+    -> (features (N, D) float32 with zeros where the image failed, list of bool ok)."""
     cache_file = Path(cache_dir) / f"features-{FEATURE_CACHE_VERSION}.safetensors"
     cache = load_file(str(cache_file)) if cache_file.is_file() else {}
-    keys = [_cache_key(p) for p in paths]
+    encode = load_backend(model.encoder, backend, device, cache_dir)
+    keys = [_cache_key(p, encode.name) for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     failed = {}
     if todo:
-        log.info("encoding %d images (%d already cached in %s)", len(todo), len(paths) - len(todo), cache_file)
-        model.encoder.to(device).eval()
+        log.info("encoding %d images with %s (%d already cached in %s)", len(todo), encode.name,
+                 len(paths) - len(todo), cache_file)
         loader = image_loader([paths[i] for i in todo], batch_size=batch_size, num_workers=num_workers)
         since_save = 0
-        for idx, pixels, errors in tqdm(loader, desc="encoding images", unit="batch"):
+        bar = tqdm(total=len(todo), desc="encoding images", unit="img")
+        for idx, pixels, errors in loader:
             for j, err in errors.items():
                 failed[todo[j]] = err
             if pixels is not None:
-                feats = model.encode_images(pixels.to(device)).float().cpu()
-                for j, f in zip(idx, feats):
+                feats = encode(pixels).float().cpu()
+                for j, f in zip(idx, feats, strict=True):
                     cache[keys[todo[j]]] = f.clone()
                 since_save += len(idx)
+            bar.update(len(idx) + len(errors))
             if since_save >= 2000:  # an interrupted run keeps what it computed
                 _save_cache(cache, cache_file)
                 since_save = 0
+        bar.close()
         _save_cache(cache, cache_file)
     if failed:
         example = next(iter(failed.items()))
@@ -238,15 +246,19 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
           max_caption_length=20, beam_size=3, seed=0, device="auto", fine_tune_encoder=False,
           resume=False, patience=5, clip_grad=5.0, label_smoothing=0.1, num_workers=None,
           cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr", lr_decay_epochs=None,
-          text_data=(), text_sample=1.0, concepts=True, feature_dropout=0.0, decode=None):
+          text_data=(), text_sample=1.0, concepts=True, feature_dropout=0.0, decode=None, init_from=None,
+          backend=DEFAULT_BACKEND):
     """Train a captioner on `data` (plus the caption-only files `text_data`) and write
     best.safetensors, last.safetensors, train_state.pt, metrics.jsonl and curves.png to
     `out`; each epoch draws the share `text_sample` of the text-only captions. `concepts` gives the decoder the classifier's concept vector; `decode` (a
     DecodeOptions) is how validation captions are decoded, the users' default if None.
-    Returns a summary dict."""
+    `init_from` (a checkpoint) starts from trained weights: its architecture, concept map
+    and vocabulary, extended with this data's new words. `backend` encodes the images for the
+    feature cache (backends.BACKENDS). Returns a summary dict."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     args["text_data"] = [str(p) for p in text_data]
     args["decode"] = decode.to_dict() if decode else None
+    args["init_from"] = str(init_from) if init_from else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -270,15 +282,29 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         raise ValueError(f"{data}: no training images")
     if not val_set:
         raise ValueError(f"{data}: no validation images (need a val/dev split, or two or more images)")
-    vocab = Vocabulary.from_json(state["vocab"]) if state else \
-        Vocabulary.build([c for r in train_set for c in r.captions] + text_captions, min_word_count)
+    init = None if state or not init_from else read_checkpoint(init_from)
+    if state:
+        vocab = Vocabulary.from_json(state["vocab"])
+    else:
+        vocab = Vocabulary.build([c for r in train_set for c in r.captions] + text_captions, min_word_count)
+        if init:  # the trained words keep their ids; this data's new words are appended
+            vocab = Vocabulary(init[1].itos + [w for w in vocab.itos[4:] if w not in init[1].stoi])
     log.info("%d train and %d val images, %d text-only captions, vocabulary of %d words",
              len(train_set), len(val_set), len(text_captions), len(vocab))
-    concept_map = ConceptMap.from_json(state["concepts"]) if state and "concepts" in state else shipped_concepts()
-    config = ModelConfig(**json.loads(state["model_config"])) if state else ModelConfig(
-        vocab_size=len(vocab), embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
-        cell=cell, dropout=dropout, num_concepts=len(concept_map) if concepts else 0)
+    if state:
+        concept_map = ConceptMap.from_json(state["concepts"]) if "concepts" in state else shipped_concepts()
+        config = ModelConfig(**json.loads(state["model_config"]))
+    elif init:
+        concept_map, config = init[2], dataclasses.replace(init[0], vocab_size=len(vocab))
+    else:
+        concept_map = shipped_concepts()
+        config = ModelConfig(vocab_size=len(vocab), embed_dim=embed_dim, hidden_dim=hidden_dim,
+                             num_layers=num_layers, cell=cell, dropout=dropout,
+                             num_concepts=len(concept_map) if concepts else 0)
     model = CaptionModel(config, concepts=concept_map).to(device)
+    if init:
+        warm_start(model, init[3], fine_tune_encoder, init_from)
+        log.info("warm start from %s (%d words kept, %d new)", init_from, len(init[1]), len(vocab) - len(init[1]))
     model.encoder_tuned = fine_tune_encoder
     model.encoder.requires_grad_(fine_tune_encoder)
 
@@ -293,11 +319,12 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             pin_memory=device.type == "cuda", drop_last=False)
         val_features_fn = lambda: encode_records(model, val_set, device, num_workers)  # noqa: E731
     else:
-        train_features, ok = compute_features(model, train_paths, device, cache_dir, num_workers=num_workers)
+        train_features, ok = compute_features(model, train_paths, device, cache_dir, num_workers=num_workers,
+                                              backend=backend)
         keep = torch.tensor(ok)[train_idx]
         train_idx, train_tokens = train_idx[keep], train_tokens[keep]
         val_features, val_ok = compute_features(model, [r.image for r in val_set], device, cache_dir,
-                                                num_workers=num_workers)
+                                                num_workers=num_workers, backend=backend)
         val_set = [r for r, good in zip(val_set, val_ok) if good]
         val_features = val_features[torch.tensor(val_ok)]
         train_features = train_features.to(device)
@@ -436,6 +463,27 @@ def encode_records(model, records, device, num_workers):
     if not kept:
         raise ValueError("no readable validation images")
     return torch.cat(feats), kept
+
+
+def warm_start(model, tensors, fine_tune_encoder, source):
+    """Copy a checkpoint's weights (`tensors`, as read_checkpoint gives them) into `model`,
+    whose vocabulary may be longer: the rows of words the checkpoint knows are copied and
+    the new words' rows keep their fresh initialisation."""
+    encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    if encoder and not fine_tune_encoder:
+        # Cached features come from the packaged encoder; a tuned one must run in the loop.
+        raise ValueError(f"{source} has a fine-tuned encoder; warm-starting from it needs --fine-tune-encoder")
+    if encoder:
+        model.encoder.load_state_dict(encoder)
+    own = model.decoder.state_dict()
+    for key, old in tensors.items():
+        if not key.startswith("decoder."):
+            continue
+        new = own[key[len("decoder."):]]
+        if old.shape != new.shape and (old.shape[1:] != new.shape[1:] or old.shape[0] > new.shape[0]):
+            raise ValueError(f"{source}: {key} has shape {tuple(old.shape)}, the model {tuple(new.shape)}")
+        new[:old.shape[0]] = old  # the vocabulary rows (embed, out) grow; all else is equal
+    model.decoder.load_state_dict(own)
 
 
 def lr_factor(epoch, decay_epochs):

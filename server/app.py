@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from captioner.images import ImageError, load_image, preprocess
 from captioner.inference import Captioner
-from captioner.options import DecodeOptions
+from captioner.options import DEFAULT_BACKEND, DecodeOptions
 
 from .batching import BatchCaptioner
 
@@ -29,6 +29,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 DEFAULTS = {
     "WEIGHTS": None,  # checkpoint path; None = the shipped weights/
     "DEVICE": "auto",
+    "BACKEND": DEFAULT_BACKEND,  # encoder backend (captioner.options.BACKENDS)
     "CAPTIONER": None,  # an already-loaded Captioner (tests share one)
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
     "MAX_FILES": 16,
@@ -67,7 +68,8 @@ def create_app(config=None):
     app.request_class = InMemoryRequest
     app.config.update(DEFAULTS)
     app.config.update(config or {})
-    captioner = app.config["CAPTIONER"] or Captioner.from_pretrained(app.config["WEIGHTS"], app.config["DEVICE"])
+    captioner = app.config["CAPTIONER"] or Captioner.from_pretrained(
+        app.config["WEIGHTS"], app.config["DEVICE"], backend=app.config["BACKEND"])
     metrics = _make_metrics()
     batcher = BatchCaptioner(captioner, app.config["BATCH_MAX_SIZE"], app.config["BATCH_WAIT_MS"],
                              on_batch=metrics["batch_size"].observe)
@@ -134,7 +136,7 @@ def create_app(config=None):
     def readyz():
         if not state["ready"]:
             return error_response(503, "not_ready", "model is loading")
-        return jsonify({"status": "ready", "model": captioner.name})
+        return jsonify({"status": "ready", "model": captioner.name, "backend": captioner.backend})
 
     @app.get("/metrics")
     def metrics_endpoint():

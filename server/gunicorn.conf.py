@@ -4,7 +4,8 @@
   Loading torch in the master and forking (--preload) can hang torch's thread pools.
 - gthread workers: a worker serves several requests at once on threads, which is what
   lets the micro-batcher put concurrent requests into one model call.
-- torch threads per worker = cores / workers, so workers x threads never exceeds the cores.
+- torch (and ONNX Runtime) threads per worker = cores / workers, so workers x threads never
+  exceeds the cores.
   "Cores" are the ones this container may use (CPU affinity and a cgroup CPU quota such as
   docker's --cpus / compose's cpus limit), not the host's; CAPTIONER_TORCH_THREADS overrides.
 - Metrics: with several workers, each one writes its counters to PROMETHEUS_MULTIPROC_DIR
@@ -13,8 +14,10 @@
 import os
 import tempfile
 
+from captioner.options import available_cores, default_server_workers  # torch-free: safe in the master
+
 bind = os.environ.get("CAPTIONER_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("CAPTIONER_WORKERS", "1"))
+workers = int(os.environ.get("CAPTIONER_WORKERS") or default_server_workers())
 worker_class = "gthread"
 threads = int(os.environ.get("CAPTIONER_THREADS", "8"))
 preload_app = False
@@ -30,24 +33,11 @@ control_socket_disable = True
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
 
 
-def available_cpus():
-    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
 def post_fork(server, worker):
     import torch
 
     # server.num_workers, not `workers` above: --workers on the command line wins over this file.
-    threads = int(os.environ.get("CAPTIONER_TORCH_THREADS") or max(1, available_cpus() // server.num_workers))
+    threads = int(os.environ.get("CAPTIONER_TORCH_THREADS") or max(1, available_cores() // server.num_workers))
     torch.set_num_threads(threads)
     worker.log.info("worker %s: %d torch threads", worker.pid, threads)
 

@@ -1,3 +1,7 @@
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +11,15 @@ from skimage import data
 from captioner.checkpoint import save_checkpoint
 from captioner.model import CaptionModel, ModelConfig
 from captioner.vocab import Vocabulary
+
+# Exported ONNX encoders go to a folder of this test session, not the user's cache (set
+# before captioner is imported: backends.DEFAULT_CACHE_DIR reads it at import).
+TEST_CACHE = os.environ["CAPTIONER_CACHE"] = tempfile.mkdtemp(prefix="captioner-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
 
 WORDS = "a cat dog sits on the chair cup of coffee rocket launch pad woman in space suit".split()
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,7 @@ def test_recursive_and_explicit_files(image_folder, trained_checkpoint):
     (["{tmp}", "--concept-threshold", "2"], "--concept-threshold"),
     (["{tmp}", "--weights", "{tmp}/missing.safetensors"], "does not exist"),
     (["{tmp}"], "no image files found"),  # an empty folder
-    ([], "Missing argument"),
+    ([], "give image files or folders"),
 ])
 def test_usage_errors_exit_2(tmp_path, trained_checkpoint, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
@@ -170,3 +171,91 @@ def test_objects_and_grounding_switch(image_folder, tiny_checkpoint):
     # a threshold above every concept's probability: nothing detected, nothing forced
     none = _records(run("caption", cat, "--weights", tiny_checkpoint, "--concept-threshold", 1).stdout)[0]
     assert none["objects"] == [] and none["caption"] == plain["caption"]
+
+
+@pytest.fixture
+def many_photos(tmp_path, photos):
+    """A folder of 48 small JPEGs (the four photos, repeated), for runs long enough to kill."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(48):
+        list(photos.values())[i % 4].resize((160, 120)).save(folder / f"img_{i:03d}.jpg")
+    return folder
+
+
+def test_killed_run_resumes_and_captions_every_file_once(tmp_path, many_photos, trained_checkpoint):
+    script = Path(sys.executable).with_name("captioner")
+    if not script.exists():
+        pytest.skip("captioner script not installed (pip install -e .)")
+    out = tmp_path / "out.jsonl"
+    cmd = [str(script), "caption", str(many_photos), "-o", str(out), "--weights", str(trained_checkpoint),
+           "--batch-size", "2", "--workers", "0", "--backend", "torch"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 6):
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no clean-up, as in a crash
+    proc.wait()
+    before = out.read_text().count("\n")
+    assert 6 <= before < 48, before  # stopped midway
+    with open(out, "a") as f:
+        f.write('{"path": "half a rec')  # the crash cut a record short
+    result = run("caption", many_photos, "-o", out, "--resume", "--weights", trained_checkpoint,
+                 "--workers", 0, "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert f"{before} of 48 files already in {out}" in result.stderr
+    records = _records(out.read_text())
+    paths = [r["path"] for r in records]
+    assert len(paths) == 48 and set(paths) == {str(p) for p in many_photos.iterdir()}  # each exactly once
+    assert all(r["caption"] in PHOTO_CAPTIONS.values() for r in records)
+    result = run("caption", many_photos, "-o", out, "--resume", "--weights", trained_checkpoint, "--workers", 0)
+    assert result.exit_code == 0 and "48 of 48 files already" in result.stderr  # nothing left to do
+    assert len(_records(out.read_text())) == 48
+
+
+@pytest.mark.parametrize("fmt", ["csv", "txt"])
+def test_resume_other_formats(tmp_path, image_folder, trained_checkpoint, fmt):
+    out = tmp_path / f"out.{fmt}"
+    common = ["--weights", trained_checkpoint, "--workers", 0]
+    run("caption", image_folder / "cat.jpg", image_folder / "empty.jpg", "-o", out, *common)
+    first = out.read_text()
+    run("caption", image_folder, "-o", out, "--resume", *common)
+    text = out.read_text()
+    assert text.startswith(first)
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        assert rows[0] == ["path", "caption", "score", "objects", "error"] and rows.count(rows[0]) == 1
+        paths = [r[0] for r in rows[1:]]
+    else:
+        paths = [line.split("\t")[0] for line in text.splitlines()]
+    assert sorted(paths) == sorted(str(image_folder / n) for n in GOOD | BROKEN)
+
+
+def test_files_from_a_list_and_stdin(tmp_path, image_folder, trained_checkpoint):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image_folder / 'cat.jpg'}\n\n{image_folder / 'nope.jpg'}\n{image_folder}/rocket.png\n")
+    common = ["--weights", trained_checkpoint, "--workers", 0, "--format", "txt"]
+    result = run("caption", "--files-from", listing, *common)
+    assert result.exit_code == 1  # nope.jpg is listed but missing: an error record, the rest captioned
+    lines = result.stdout.splitlines()
+    assert lines == [f"{image_folder / 'cat.jpg'}\t{PHOTO_CAPTIONS['cat']}",
+                     f"{image_folder / 'nope.jpg'}\tERROR: no such file: {image_folder / 'nope.jpg'}",
+                     f"{image_folder}/rocket.png\t{PHOTO_CAPTIONS['rocket']}"]
+    result = CliRunner().invoke(main, ["caption", "--files-from", "-", *map(str, common)],
+                                input=f"{image_folder / 'coffee.JPG'}\n")
+    assert result.exit_code == 0 and result.stdout == f"{image_folder / 'coffee.JPG'}\t{PHOTO_CAPTIONS['coffee']}\n"
+
+
+def test_resume_and_engine_usage_errors(tmp_path, image_folder, trained_checkpoint):
+    result = run("caption", image_folder, "--resume")
+    assert result.exit_code == 2 and "--resume needs --output" in result.output
+    result = run("caption")
+    assert result.exit_code == 2 and "--files-from" in result.output
+    result = run("caption", image_folder, "--engine", "ray")
+    assert result.exit_code == 2 and "--output folder" in result.output
+    result = run("caption", image_folder, "-o", tmp_path / "x.parquet", "--format", "parquet")
+    assert result.exit_code == 2 and "--engine ray" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    result = run("caption", image_folder, "-o", bad, "--resume", "--weights", trained_checkpoint)
+    assert result.exit_code == 1 and "line 1 is not a caption record" in result.output

@@ -178,6 +178,7 @@ def test_health_ready_metrics(client, photos):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["status"] == "ready"
+    assert ready.get_json()["backend"] in ("torch", "torch-bf16", "onnx")  # auto: never one that costs quality
     post(client, [("c.jpg", image_bytes(photos["cat"]), None)])
     post(client, [("c.jpg", b"", None)])
     text = client.get("/metrics").get_data(as_text=True)

@@ -108,6 +108,7 @@ def test_evaluate_writes_scores_and_captions(tmp_path, dataset, feature_cache, m
     report = json.loads(out.read_text())
     assert report["split"] == "val" and report["decode"]["beam_size"] == 2 and report["images"] == 1
     assert report["decode"]["grounding"] is True
+    assert report["backend"] in ("torch", "torch-bf16", "onnx") and f"backend {report['backend']}" in result.output
     assert report["failed"] == {}
     assert {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "tokenizer"} <= report["scores"].keys()
     assert all(0 <= v for k, v in report["scores"].items() if k != "tokenizer")
@@ -242,3 +243,48 @@ def test_no_concepts_and_text_data_errors(tmp_path, dataset, feature_cache):
     result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "f"), "--cache-dir",
                                        str(feature_cache), "--text-data", str(dataset), "--fine-tune-encoder"])
     assert result.exit_code == 1 and "cannot be combined" in result.output
+
+
+def test_warm_start_keeps_trained_words_and_adds_new_ones(tmp_path, dataset, feature_cache, photos):
+    first = tmp_path / "first"
+    train(dataset, first, feature_cache, "--epochs", 1)
+    old_config, old_vocab, _, old_tensors, _ = read_checkpoint(first / "best.safetensors")
+    # New data: the same photos, captions with words the first model never saw.
+    folder = tmp_path / "more"
+    folder.mkdir()
+    rows = ["image,caption,split"]
+    for name, img in photos.items():
+        img.save(folder / f"{name}.jpg")
+        rows.append(f"{name}.jpg,a zebra grazes near a {name},{'val' if name == 'astronaut' else 'train'}")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    second = tmp_path / "second"
+    result = CliRunner().invoke(main, [str(a) for a in [
+        "train", "--data", folder / "data.csv", "--out", second, "--cache-dir", feature_cache, "--init-from",
+        first / "best.safetensors", "--min-word-count", 1, "--epochs", 1, "--lr", 1e-12, "--workers", 0]])
+    assert result.exit_code == 0, result.output
+    config, vocab, _, tensors, info = read_checkpoint(second / "best.safetensors")
+    assert (config.embed_dim, config.hidden_dim) == (old_config.embed_dim, old_config.hidden_dim)  # not the flags'
+    assert vocab.itos[:len(old_vocab)] == old_vocab.itos  # trained words keep their ids
+    assert {"zebra", "grazes", "near"} <= set(vocab.itos[len(old_vocab):])  # new words appended
+    assert config.vocab_size == len(vocab) > len(old_vocab)
+    n = len(old_vocab)
+    for key in ("decoder.embed.weight", "decoder.out.weight", "decoder.out.bias"):  # old rows carried over
+        assert torch.allclose(tensors[key][:n], old_tensors[key], atol=1e-6), key
+    assert torch.allclose(tensors["decoder.init_h.weight"], old_tensors["decoder.init_h.weight"], atol=1e-6)
+    assert info["train_args"]["init_from"] == str(first / "best.safetensors")
+
+
+def test_warm_start_errors(tmp_path, dataset, feature_cache, tiny_model, tiny_vocab):
+    from captioner.checkpoint import save_checkpoint
+
+    tuned = tmp_path / "tuned.safetensors"
+    tiny_model.encoder_tuned = True
+    try:
+        save_checkpoint(tuned, tiny_model, tiny_vocab)
+    finally:
+        tiny_model.encoder_tuned = False
+    for source, message in ((tuned, "needs --fine-tune-encoder"), (tmp_path / "missing.safetensors", "not found")):
+        result = CliRunner().invoke(main, [str(a) for a in [
+            "train", "--data", dataset, "--out", tmp_path / source.stem, "--cache-dir", feature_cache,
+            "--init-from", source, "--epochs", 1, "--workers", 0]])
+        assert result.exit_code == 1 and message in result.output, result.output

@@ -1,0 +1,82 @@
+"""`captioner caption --engine ray`: Ray Data on a small local Ray instance."""
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from captioner.cli import main
+
+ray = pytest.importorskip("ray", reason="the cluster extra (ray[data]) is not installed")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray instance with 2 CPUs and a small object store, shut down after the module."""
+    ray.init(num_cpus=2, object_store_memory=150 * 1024 * 1024, include_dashboard=False,
+             logging_level="ERROR", configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["caption", *map(str, args)])
+
+
+def shard_records(folder):
+    return [json.loads(line) for shard in sorted(folder.glob("*.json")) for line in shard.read_text().splitlines()]
+
+
+def test_ray_run_equals_the_cli_and_resumes(local_ray, tmp_path, image_folder, trained_checkpoint):
+    common = ["--weights", trained_checkpoint, "--backend", "torch"]
+    cli = run(image_folder, *common, "--workers", 0)
+    expected = {r["path"]: r for r in map(json.loads, cli.stdout.splitlines())}
+    out = tmp_path / "out"
+    result = run(image_folder, "--engine", "ray", "-o", out, *common)
+    assert result.exit_code == 1, result.output  # broken files: error records, as the CLI
+    assert "3 captioned, 3 failed" in result.output
+    records = shard_records(out)
+    assert sorted(r["path"] for r in records) == sorted(expected)  # one record per image
+    for r in records:
+        want = expected[r["path"]]
+        if "error" in want:
+            assert r["error"] == want["error"] and r["caption"] is None
+        else:
+            assert (r["caption"], r["score"], r["objects"], r["error"]) == \
+                (want["caption"], want["score"], want["objects"], None)
+    # A run stopped midway: drop some records and cut the last one short; --resume does the rest.
+    shard = sorted(out.glob("*.json"))[0]
+    lines = shard.read_text().splitlines()
+    shard.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    result = run(image_folder, "--engine", "ray", "-o", out, "--resume", *common)
+    assert "2 already done" in result.output, result.output
+    records = shard_records(out)
+    assert sorted(r["path"] for r in records) == sorted(expected)  # each exactly once
+    # Without --resume an output folder that holds shards is not overwritten.
+    result = run(image_folder, "--engine", "ray", "-o", out, *common)
+    assert result.exit_code == 1 and "use --resume" in result.output
+
+
+def test_ray_parquet_and_files_from(local_ray, tmp_path, image_folder, trained_checkpoint):
+    import pyarrow.parquet as pq
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image_folder / 'cat.jpg'}\n{image_folder / 'missing.jpg'}\n")
+    out = tmp_path / "pq"
+    result = run("--files-from", listing, "--engine", "ray", "-o", out, "--format", "parquet",
+                 "--weights", trained_checkpoint, "--backend", "torch", "--beam-size", 2)
+    assert result.exit_code == 1, result.output
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert rows[str(image_folder / "cat.jpg")]["caption"] == "a cat sits on the chair"
+    assert json.loads(rows[str(image_folder / "cat.jpg")]["objects"])[0]["word"] == "cat"
+    assert "no such file" in rows[str(image_folder / "missing.jpg")]["error"]
+
+
+def test_ray_option_errors(tmp_path, image_folder, monkeypatch):
+    result = run(image_folder, "--engine", "ray", "-o", tmp_path / "o", "--format", "csv")
+    assert result.exit_code == 1 and "jsonl or parquet" in result.output
+    result = run(image_folder, "--engine", "ray", "-o", tmp_path / "o", "--actors", 0)
+    assert result.exit_code == 2
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the cluster extra were not installed
+    result = run(image_folder, "--engine", "ray", "-o", tmp_path / "o")
+    assert result.exit_code == 1 and "pip install 'captioner[cluster]'" in result.output
