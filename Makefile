@@ -8,13 +8,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install java chromium system-deps bench clean
+.PHONY: demo test lint install java chromium system-deps bench clean
 
 demo: $(STAMP)
 	$(VENV)/bin/captioner caption examples/ --format txt
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 install: $(STAMP)
 

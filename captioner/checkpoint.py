@@ -92,7 +92,8 @@ def load_model(path, pretrained_encoder=True):
     try:
         model.decoder.load_state_dict(decoder_state)
         if has_encoder:
-            model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
+            model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items()
+                                           if k.startswith("encoder.")})
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model config: {e}") from None
     model.encoder_tuned = has_encoder

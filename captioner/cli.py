@@ -3,6 +3,7 @@ import csv
 import functools
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -72,9 +73,31 @@ def main():
     """Caption images with a CNN + LSTM model (Show and Tell)."""
 
 
+# Exit statuses of `captioner caption` (README "Command line").
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+TXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_TXT_UNESCAPE = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
+_TXT_ESCAPED = re.compile(r"\\[\\tnr]")
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: a leading formula character gets a ' before it."""
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
 class RecordWriter:
     """Writes one record per input file as soon as it is known (nothing is lost if a long
-    run is interrupted). `header=False` when appending to a CSV that has one."""
+    run is interrupted). `header=False` when appending to a CSV that has one.
+
+    Paths are written so that every line stays one record: JSONL escapes what JSON must
+    (and writes a file name that is not UTF-8 as \\udcXX escapes, as Python's os.fsdecode
+    reads it); txt escapes backslash, tab, CR and LF as \\\\ \\t \\r \\n; csv quotes
+    as CSV does and prefixes a cell that starts with = + - @ tab or CR with '. In csv and
+    txt a name that is not UTF-8 keeps its original bytes (the stream is opened with
+    errors="surrogateescape")."""
 
     def __init__(self, stream, fmt, header=True):
         self.stream, self.fmt = stream, fmt
@@ -85,15 +108,26 @@ class RecordWriter:
 
     def write(self, record):
         if self.fmt == "jsonl":
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            line = json.dumps(record, ensure_ascii=False)
+            if not line.isascii() and not _utf8_clean(line):  # a file name that is not UTF-8
+                line = json.dumps(record)
+            self.stream.write(line + "\n")
         elif self.fmt == "csv":
             objects = "; ".join(f"{o['word']} ({o['label']}) {o['p']:.2f}" for o in record.get("objects", []))
-            self.csv.writerow([record["path"], record.get("caption", ""), record.get("score", ""), objects,
-                               record.get("error", "")])
+            self.csv.writerow([csv_cell(record["path"]), csv_cell(record.get("caption", "")),
+                               record.get("score", ""), csv_cell(objects), csv_cell(record.get("error", ""))])
         else:
             text = record["caption"] if "caption" in record else f"ERROR: {record['error']}"
-            self.stream.write(f"{record['path']}\t{text}\n")
+            self.stream.write(f"{record['path'].translate(TXT_ESCAPES)}\t{text.translate(TXT_ESCAPES)}\n")
         self.stream.flush()
+
+
+def _utf8_clean(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def recorded_paths(output, fmt):
@@ -121,22 +155,23 @@ def recorded_paths(output, fmt):
         rows = list(csv.reader(lines))
         if rows and rows[0] != CSV_COLUMNS:
             raise click.ClickException(f"--resume: {output} does not start with the header {','.join(CSV_COLUMNS)}")
-        return {row[0] for row in rows[1:] if row}
-    return {line.split("\t", 1)[0] for line in lines}
+        # a path cell neutralised against formulas (csv_cell) is read back without its '
+        return {row[0][1:] if row[0][:1] == "'" and row[0][1:2] in FORMULA_START else row[0] for row in rows[1:] if row}
+    return {_TXT_ESCAPED.sub(lambda m: _TXT_UNESCAPE[m.group()], line.split("\t", 1)[0]) for line in lines}
 
 
 def read_file_list(stream):
-    """Paths from --files-from: one a line, blank lines skipped."""
-    return [Path(line.rstrip("\r\n")) for line in stream if line.strip()]
+    """Paths (or URIs) from --files-from: one a line, blank lines skipped."""
+    return [line.rstrip("\r\n") for line in stream if line.strip()]
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1)  # strings: with --engine ray they may be URIs (s3://...)
 @click.option("--files-from", type=click.File("r", encoding="utf-8", errors="surrogateescape"),
               help="Also caption the paths listed in this file, one a line ('-' for standard input).")
 @click.option("--recursive", "-r", is_flag=True, help="Also caption images in sub-folders.")
-@click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Write records to this file instead of standard output (with --engine ray: a folder).")
+@click.option("--output", "-o",
+              help="Write records to this file instead of standard output (with --engine ray: a folder or URI).")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS + ("parquet",)),
               help="Record format (default: from --output's extension, else jsonl; parquet only with --engine ray).")
 @click.option("--resume", is_flag=True,
@@ -164,9 +199,9 @@ def caption(paths, files_from, recursive, output, fmt, resume, decode, batch_siz
     listed = read_file_list(files_from) if files_from else []
     if not paths and not files_from:
         raise click.UsageError("give image files or folders, or --files-from LIST")
-    missing = [p for p in paths if not p.exists() and not (engine == "ray" and "://" in str(p))]
+    missing = [p for p in paths if not Path(p).exists() and not (engine == "ray" and "://" in p)]
     if missing:
-        raise click.UsageError(f"path {str(missing[0])!r} does not exist")
+        raise click.UsageError(f"path {missing[0]!r} does not exist")
     if resume and not output:
         raise click.UsageError("--resume needs --output (the file or folder to continue)")
     if engine == "ray":
@@ -176,17 +211,20 @@ def caption(paths, files_from, recursive, output, fmt, resume, decode, batch_siz
             raise click.UsageError("--engine ray writes sharded files: give an --output folder")
         _setup_logging()
         try:
-            summary = caption_with_ray([*map(str, paths), *map(str, listed)], output, fmt or "jsonl", decode,
+            summary = caption_with_ray([*paths, *listed], output, fmt or "jsonl", decode,
                                        recursive=recursive, resume=resume, weights=weights, backend=backend,
                                        batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                                        address=address)
-        except (ValueError, OSError) as e:
+        except OSError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_OUTPUT_ERROR)
+        except ValueError as e:
             raise click.ClickException(str(e))
         click.echo(f"{summary['captioned']} captioned, {summary['failed']} failed, {summary['skipped']} already "
                    f"done; records in {output}", err=True)
         sys.exit(1 if summary["failed"] else 0)
-    _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batch_size, workers, device, weights,
-                     backend)
+    _caption_locally([Path(p) for p in paths], [Path(p) for p in listed], recursive, Path(output) if output else None,
+                     fmt, resume, decode, batch_size, workers, device, weights, backend)
 
 
 def _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batch_size, workers, device, weights,
@@ -194,7 +232,7 @@ def _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batc
     from tqdm import tqdm
 
     from .checkpoint import CheckpointError
-    from .images import find_images
+    from .images import IMAGE_EXTENSIONS, find_images
     from .inference import file_captioner
 
     _setup_logging()
@@ -205,11 +243,16 @@ def _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batc
         raise click.UsageError("--format parquet is for --engine ray (sharded output); use jsonl or csv here")
     if output and output.is_dir():
         raise click.UsageError(f"--output {output} is a folder; give a file")
+    if output and output.suffix.lower() in IMAGE_EXTENSIONS:
+        raise click.UsageError(f"--output {output} has an image's extension; records go to a .jsonl, .csv or "
+                               ".txt file (refused so that a photo is never overwritten)")
     files = find_images(paths, recursive) + [f for p in listed for f in
                                              (find_images([p], recursive) if p.is_dir() else [p])]
     if not files:
         raise click.UsageError("no image files found (extensions: jpg jpeg png gif bmp webp tif tiff; "
                                "use --recursive for sub-folders)")
+    if output and output.exists() and output.resolve() in {f.resolve() for f in files if f.exists()}:
+        raise click.UsageError(f"--output {output} is one of the input files")
     append = bool(resume and output.is_file() and output.stat().st_size)
     if append:
         done = recorded_paths(output, fmt)
@@ -224,11 +267,16 @@ def _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batc
     try:
         if output:
             output.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(output, "a" if append else "w", newline="", encoding="utf-8") if output else sys.stdout
+            stream = open(output, "a" if append else "w", newline="", encoding="utf-8", errors="surrogateescape")
+        else:
+            if hasattr(sys.stdout, "reconfigure"):
+                sys.stdout.reconfigure(errors="surrogateescape")
+            stream = sys.stdout
     except OSError as e:
-        raise click.FileError(str(output), hint=e.strerror or str(e))
+        click.echo(f"Error: cannot write {output}: {e.strerror or e}", err=True)
+        sys.exit(EXIT_OUTPUT_ERROR)
     writer = RecordWriter(stream, fmt, header=not append)
-    failures = 0
+    failures = done = 0
     try:
         with tqdm(total=len(files), desc="captioning", unit="img", file=sys.stderr) as bar:
             for i, result, error in captioner.caption_files(files, decode, batch_size, workers):
@@ -241,13 +289,35 @@ def _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batc
                     if decode.n_best > 1 and fmt == "jsonl":
                         record["alternatives"] = result["alternatives"]
                     writer.write(record)
+                done += 1
                 bar.update()
-    finally:
-        if output:
+    except KeyboardInterrupt:
+        _close_quietly(stream, output)
+        click.echo(f"\ninterrupted after {done} of {len(files)} files"
+                   + ("; continue with the same command and --resume" if output else ""), err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as e:  # a full disk, a vanished output folder: say so, no traceback
+        _close_quietly(stream, output)
+        click.echo(f"Error: writing {output or 'standard output'} failed after {done} records: "
+                   f"{e.strerror or e}", err=True)
+        sys.exit(EXIT_OUTPUT_ERROR)
+    if output:
+        try:
             stream.close()
+        except OSError as e:
+            click.echo(f"Error: writing {output} failed: {e.strerror or e}", err=True)
+            sys.exit(EXIT_OUTPUT_ERROR)
     if failures:
         click.echo(f"{failures} of {len(files)} files could not be captioned", err=True)
-    sys.exit(1 if failures else 0)
+    sys.exit(EXIT_SOME_FAILED if failures else EXIT_OK)
+
+
+def _close_quietly(stream, output):
+    if output:
+        try:
+            stream.close()
+        except OSError:
+            pass
 
 
 @main.command()
@@ -306,7 +376,8 @@ def _caption_locally(paths, listed, recursive, output, fmt, resume, decode, batc
               help="Where image features are cached (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
 @backend_flag
 def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encoder_lr, embed_dim, hidden_dim,
-          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, text_sample, concepts,
+          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, text_sample,
+          concepts,
           feature_dropout, decode, patience, select_metric, clip_grad, val_fraction, seed, device, workers, amp,
           fine_tune_encoder, resume, init_from, cache_dir, backend):
     """Train a captioner; the best checkpoint is OUT/best.safetensors. Validation captions
@@ -325,7 +396,8 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
             encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
             cell=cell, dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
             max_caption_length=max_caption_length, beam_size=decode.beam_size, patience=patience,
-            text_data=text_data, text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
+            text_data=text_data, text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout,
+            decode=decode,
             select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed,
             device=device, num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder,
             resume=resume, cache_dir=cache_dir or DEFAULT_CACHE_DIR,

@@ -106,15 +106,26 @@ def read_records(output, fmt):
     return records
 
 
+def _split_preprocess():
+    """`preprocess` in two halves: resizing to 224x224 uint8 (in the reading task, so that a
+    quarter of the bytes cross the object store) and scaling to float (in the actor)."""
+    import torchvision.transforms.v2 as T
+
+    from .images import preprocess
+
+    return T.Compose(preprocess.transforms[:2]), T.Compose(preprocess.transforms[2:])
+
+
 def read_and_preprocess(batch):
-    """Ray task: read and preprocess a batch of images. -> the batch with `pixels`
-    (B, 3, 224, 224) float32 (zeros where unreadable) and `error` ("" where fine)."""
+    """Ray task: read and resize a batch of images. -> the batch with `pixels`
+    (B, 3, 224, 224) uint8 (zeros where unreadable) and `error` ("" where fine)."""
     import pyarrow.fs as pafs
 
     from .encoder import IMAGE_SIZE
-    from .images import ImageError, load_image, preprocess
+    from .images import ImageError, load_image
 
-    pixels = np.zeros((len(batch["path"]), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    resize, _ = _split_preprocess()
+    pixels = np.zeros((len(batch["path"]), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors = []
     for i, source in enumerate(batch["source"]):
         try:
@@ -124,7 +135,7 @@ def read_and_preprocess(batch):
                     data = f.read()
             else:
                 data = source  # load_image reads local paths itself (and names what is wrong)
-            pixels[i] = preprocess(load_image(data)).numpy()
+            pixels[i] = resize(load_image(data)).numpy()
             errors.append("")
         except ImageError as e:
             errors.append(str(e))
@@ -146,13 +157,14 @@ class CaptionActor:
         self.captioner = Captioner.from_pretrained(weights, device=device, backend=backend)
         self.options = DecodeOptions(**options)
         self.chunk = chunk  # images per encoder call
+        self.scale = _split_preprocess()[1]
 
     def __call__(self, batch):
         import torch
 
         errors = list(batch["error"])
         good = [i for i, e in enumerate(errors) if not e]
-        pixels = torch.from_numpy(batch["pixels"][good])
+        pixels = self.scale(torch.from_numpy(batch["pixels"][good]))
         # Chunks, so that the encoder and the beam search overlap as in the CLI (caption_batches).
         chunks = [(good[s:s + self.chunk], pixels[s:s + self.chunk]) for s in range(0, len(good), self.chunk)]
         results = {}
@@ -208,12 +220,13 @@ def caption_with_ray(inputs, output, fmt="jsonl", options=None, recursive=False,
                              override_num_blocks=max(1, min(len(items) // batch_size, 10_000)))
     # Decoding runs in CPU tasks over the cluster's cores.
     ds = ds.map_batches(read_and_preprocess, batch_size=batch_size, num_cpus=1)
-    # Each actor takes four chunks of half a batch at a time and overlaps the encoder of one
-    # with the beam search of the one before (measured in one process: 45 images/s from one
-    # CPU actor, against 32 a whole batch at a time). Declaring the memory a model replica
+    # Each actor takes eight chunks of half a batch at a time and overlaps the encoder of one
+    # with the beam search of the one before (benchmarks/caption_cluster.py on 2 CPUs: 42-45
+    # images/s, as the CLI; 34 with four chunks and float pixels, 19 a whole batch at a time
+    # with no overlap). Declaring the memory a model replica
     # needs also keeps Ray from fusing the decoding tasks into the actor (it fuses maps whose
     # resource requests are equal), which would decode on the model's core.
-    ds = ds.map_batches(CaptionActor, batch_size=2 * batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+    ds = ds.map_batches(CaptionActor, batch_size=4 * batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else 1, memory=ACTOR_MEMORY,
                         fn_constructor_kwargs={"weights": weights, "backend": backend, "options": options.to_dict(),
                                                "device": device, "chunk": max(1, batch_size // 2)})

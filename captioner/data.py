@@ -224,7 +224,8 @@ def read_csv(path, images=None):
         reader = csv.DictReader(f)
         missing = {"image", "caption"} - set(reader.fieldnames or [])
         if missing:
-            raise DataError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}; the header must have image,caption")
+            raise DataError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}; "
+                            "the header must have image,caption")
         rows = [(i, row) for i, row in enumerate(reader, 2)]
     return _rows_to_records(rows, path, images)
 

@@ -166,5 +166,6 @@ def image_loader(paths, batch_size=32, num_workers=None, transform=preprocess):
     return torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
         collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        # Each worker keeps this many batches ready: fewer of big ones, so that memory stays bounded.
+        prefetch_factor=max(1, min(4, 128 // batch_size)) if num_workers else None, persistent_workers=False,
     )

@@ -250,7 +250,8 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
           backend=DEFAULT_BACKEND):
     """Train a captioner on `data` (plus the caption-only files `text_data`) and write
     best.safetensors, last.safetensors, train_state.pt, metrics.jsonl and curves.png to
-    `out`; each epoch draws the share `text_sample` of the text-only captions. `concepts` gives the decoder the classifier's concept vector; `decode` (a
+    `out`; each epoch draws the share `text_sample` of the text-only captions. `concepts`
+    gives the decoder the classifier's concept vector; `decode` (a
     DecodeOptions) is how validation captions are decoded, the users' default if None.
     `init_from` (a checkpoint) starts from trained weights: its architecture, concept map
     and vocabulary, extended with this data's new words. `backend` encodes the images for the
@@ -325,7 +326,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         train_idx, train_tokens = train_idx[keep], train_tokens[keep]
         val_features, val_ok = compute_features(model, [r.image for r in val_set], device, cache_dir,
                                                 num_workers=num_workers, backend=backend)
-        val_set = [r for r, good in zip(val_set, val_ok) if good]
+        val_set = [r for r, good in zip(val_set, val_ok, strict=True) if good]
         val_features = val_features[torch.tensor(val_ok)]
         train_features = train_features.to(device)
         with torch.inference_mode():
@@ -408,7 +409,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         metrics_file.write_text("".join(r + "\n" for r in rows if json.loads(r)["epoch"] <= start_epoch))
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * lr_factor(epoch, lr_decay_epochs)
         loss, n_captions, skipped = train_one_epoch(
             model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,

@@ -85,7 +85,7 @@ def test_output_formats_and_output_file(tmp_path, image_folder, trained_checkpoi
     result = run("caption", files[0], "--output", tmp_path / "new" / "dir" / "out.jsonl", *common)
     assert result.exit_code == 0 and _records((tmp_path / "new" / "dir" / "out.jsonl").read_text())[0]["caption"]
     result = run("caption", files[0], "--output", files[0] / "out.jsonl", *common)  # under a file
-    assert result.exit_code == 1 and "Could not open file" in result.output
+    assert result.exit_code == 3 and "cannot write" in result.output  # 3: an output error
     # an unknown extension falls back to jsonl
     run("caption", files[0], "--output", tmp_path / "out.log", *common)
     assert _records((tmp_path / "out.log").read_text())[0]["caption"] == PHOTO_CAPTIONS["cat"]
@@ -259,3 +259,121 @@ def test_resume_and_engine_usage_errors(tmp_path, image_folder, trained_checkpoi
     bad.write_text("not json\n")
     result = run("caption", image_folder, "-o", bad, "--resume", "--weights", trained_checkpoint)
     assert result.exit_code == 1 and "line 1 is not a caption record" in result.output
+
+
+def test_file_names_that_are_not_utf8(tmp_path, photos, trained_checkpoint):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/caf\xe9.jpg"  # Latin-1, as old cameras and Windows shares write it
+    photos["cat"].save(raw.decode("utf-8", "surrogateescape"), format="JPEG")
+    common = ["--weights", trained_checkpoint, "--workers", 0]
+    out = tmp_path / "out.jsonl"
+    result = run("caption", folder, "-o", out, *common)
+    assert result.exit_code == 0, result.output
+    text = out.read_bytes().decode("utf-8")  # valid UTF-8: the odd byte is a JSON escape
+    assert "\\udce9" in text
+    assert os.fsencode(json.loads(text)["path"]) == raw  # reversible: os.fsencode gives the name back
+    for fmt in ("csv", "txt"):  # the original bytes, as `ls` would print them
+        out = tmp_path / f"out.{fmt}"
+        assert run("caption", folder, "-o", out, *common).exit_code == 0
+        assert raw in out.read_bytes()
+    assert run("caption", folder, "--format", "txt", *common).exit_code == 0  # standard output too
+
+
+def test_output_never_replaces_an_input(tmp_path, image_folder, trained_checkpoint):
+    photo = image_folder / "cat.jpg"
+    before = photo.read_bytes()
+    for output in (photo, image_folder / "new.png"):
+        result = run("caption", image_folder, "-o", output, "--weights", trained_checkpoint)
+        assert result.exit_code == 2 and "--output" in result.output
+    assert photo.read_bytes() == before and not (image_folder / "new.png").exists()
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text("")
+    result = run("caption", photo, listed, "-o", listed, "--weights", trained_checkpoint)
+    assert result.exit_code == 2 and "is one of the input files" in result.output
+
+
+def test_txt_and_csv_escaping(tmp_path, photos, trained_checkpoint):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    for name in ("tab\there.jpg", "new\nline.jpg", "=HYPERLINK(1).jpg"):
+        photos["cat"].save(folder / name, format="JPEG")
+    common = ["--weights", trained_checkpoint, "--workers", 0]
+    txt = run("caption", folder, "--format", "txt", *common).stdout.splitlines()
+    assert len(txt) == 3  # one line per record, whatever the names hold
+    assert f"{folder}/tab\\there.jpg\t{PHOTO_CAPTIONS['cat']}" in txt
+    assert f"{folder}/new\\nline.jpg\t" in txt[1] + txt[2]
+    out = tmp_path / "out.txt"
+    run("caption", folder, "-o", out, *common)
+    assert "3 of 3 files already" in run("caption", folder, "-o", out, "--resume", *common).stderr  # read back
+    out = tmp_path / "out.csv"
+    run("caption", folder, "-o", out, *common)
+    rows = list(csv.reader(out.open(newline="")))[1:]
+    assert len(rows) == 3 and f"'{folder}/=HYPERLINK(1).jpg" not in [r[0] for r in rows]  # absolute paths start with /
+    names = {Path(r[0]).name for r in rows}
+    assert "=HYPERLINK(1).jpg" in names and "new\nline.jpg" in names  # csv quotes what it must
+    flat = tmp_path / "relative"  # a relative path that starts with "=" is neutralised
+    flat.mkdir()
+    photos["cat"].save(flat / "=1+1.jpg", format="JPEG")
+    cwd = os.getcwd()
+    os.chdir(flat)
+    try:
+        result = run("caption", "=1+1.jpg", "--format", "csv", *common)
+        again = run("caption", "=1+1.jpg", "-o", "x.csv", *common), run("caption", "=1+1.jpg", "-o", "x.csv",
+                                                                         "--resume", *common)
+    finally:
+        os.chdir(cwd)
+    assert list(csv.reader(io.StringIO(result.stdout)))[1][0] == "'=1+1.jpg"
+    assert "1 of 1 files already" in again[1].stderr  # --resume reads the neutralised cell back
+
+
+def test_exit_codes_for_output_errors_and_interruption(tmp_path, image_folder, trained_checkpoint, monkeypatch):
+    import errno
+
+    from captioner import cli as cli_module
+    from captioner.inference import Captioner
+
+    common = ["--weights", trained_checkpoint, "--workers", 0]
+
+    def disk_full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cli_module.RecordWriter, "write", disk_full)
+    result = run("caption", image_folder, "-o", tmp_path / "out.jsonl", *common)
+    assert result.exit_code == 3 and "No space left on device" in result.stderr
+    assert "Traceback" not in result.output
+    monkeypatch.undo()
+
+    def interrupted(self, *args, **kwargs):
+        yield 0, None, "an error record before Ctrl-C"
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Captioner, "caption_files", interrupted)
+    out = tmp_path / "partial.jsonl"
+    result = run("caption", image_folder, "-o", out, *common)
+    assert result.exit_code == 130 and "--resume" in result.stderr
+    assert len(_records(out.read_text())) == 1  # what was written is kept
+
+
+def test_help_does_not_load_torch():
+    code = ("import sys; from click.testing import CliRunner; from captioner.cli import main; "
+            "r = CliRunner().invoke(main, ['caption', '--help']); assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_encoder_batches_are_bounded(trained_captioner, photos, monkeypatch):
+    import torch
+
+    from captioner import inference
+    from captioner.images import preprocess
+
+    seen = []
+    real = trained_captioner.encoder
+
+    def spy(pixels):
+        seen.append(len(pixels))
+        return real(pixels)
+    monkeypatch.setattr(inference, "MAX_ENCODER_BATCH", 2)
+    monkeypatch.setattr(trained_captioner, "encoder", spy)
+    pixels = torch.stack([preprocess(img) for img in photos.values()] * 2)  # 8 images
+    results = trained_captioner.caption_pixels(pixels)
+    assert seen == [2, 2, 2, 2] and [r["caption"] for r in results[:4]] == list(PHOTO_CAPTIONS.values())

@@ -72,6 +72,17 @@ def test_ray_parquet_and_files_from(local_ray, tmp_path, image_folder, trained_c
     assert "no such file" in rows[str(image_folder / "missing.jpg")]["error"]
 
 
+def test_ray_reads_and_writes_uris(local_ray, tmp_path, image_folder, trained_checkpoint):
+    """Inputs and output as URIs (file:// here; s3:// and gs:// go through the same pyarrow filesystems)."""
+    out = tmp_path / "uri-out"
+    result = run(f"file://{image_folder}", "--engine", "ray", "-o", f"file://{out}", "--weights", trained_checkpoint,
+                 "--backend", "torch")
+    assert result.exit_code == 1, result.output
+    records = {r["path"]: r for r in shard_records(out)}
+    assert records[f"file://{image_folder}/cat.jpg"]["caption"] == "a cat sits on the chair"
+    assert len(records) == 6 and "empty file" in records[f"file://{image_folder}/empty.jpg"]["error"]
+
+
 def test_ray_option_errors(tmp_path, image_folder, monkeypatch):
     result = run(image_folder, "--engine", "ray", "-o", tmp_path / "o", "--format", "csv")
     assert result.exit_code == 1 and "jsonl or parquet" in result.output

@@ -33,7 +33,7 @@ def test_trained_decoder_says_its_captions_and_stops(synthetic):
     assert [vocab.decode(h[0][0]) for h in beam] == CAPTIONS
     # It stopped because it chose <END>, not because it ran out of room (max_length 20),
     # and the reported log-prob is that of the caption followed by <END>.
-    for f, hyps in zip(features, beam):
+    for f, hyps in zip(features, beam, strict=True):
         ids, log_prob, score = hyps[0]
         assert len(ids) < 20
         assert log_prob == pytest.approx(sequence_log_prob(decoder, f, ids), abs=1e-4)
@@ -58,7 +58,7 @@ def test_greedy_equals_beam_size_one(synthetic, random_decoder):
         greedy = greedy_search(decoder, features, max_length=12)
         beam = beam_search(decoder, features, beam_size=1, max_length=12)
         assert len(greedy) == len(beam) == 6
-        for (g,), (b,) in zip(greedy, beam):
+        for (g,), (b,) in zip(greedy, beam, strict=True):
             assert g[0] == b[0]  # same tokens
             assert g[1] == pytest.approx(b[1], abs=1e-4)  # same log-prob
             assert g[2] == pytest.approx(b[2], abs=1e-4)  # same normalised score
@@ -68,7 +68,7 @@ def test_beam_search_n_best_sorted_distinct_and_batched(random_decoder):
     features = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
     results = beam_search(random_decoder, features, beam_size=5, n_best=5, max_length=10)
     assert len(results) == 4
-    for f, image in zip(features, results):
+    for f, image in zip(features, results, strict=True):
         assert len(image) == 5
         scores = [s for _, _, s in image]
         assert scores == sorted(scores, reverse=True)
@@ -137,7 +137,8 @@ def test_decode_features_result_shape_and_validation(trained_model, tiny_vocab, 
     for r in results:
         assert set(r) == {"caption", "score", "log_prob", "alternatives", "objects"} and len(r["alternatives"]) == 2
         assert all(r["score"] >= a["score"] for a in r["alternatives"])
-    assert decode_features(trained_model, tiny_vocab, photo_features, DecodeOptions(beam_size=1))[0]["alternatives"] == []
+    greedy = decode_features(trained_model, tiny_vocab, photo_features, DecodeOptions(beam_size=1))
+    assert greedy[0]["alternatives"] == []
     for kwargs in ({"beam_size": 0}, {"beam_size": 11}, {"beam_size": 2, "n_best": 3}, {"max_length": 0}):
         with pytest.raises(ValueError):
             DecodeOptions(**kwargs)

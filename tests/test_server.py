@@ -159,7 +159,8 @@ def test_image_decoding_takes_turns(tiny_captioner, photos, monkeypatch):
 @pytest.mark.parametrize("query,option", [
     ("?beam_size=0", "beam_size"), ("?beam_size=11", "beam_size"), ("?beam_size=abc", "beam_size"),
     ("?n_best=6", "n_best"), ("?beam_size=2&n_best=3", "n_best"), ("?max_length=0", "max_length"),
-    ("?max_length=1000", "max_length"), ("?grounding=maybe", "grounding"), ("?concept_threshold=2", "concept_threshold"),
+    ("?max_length=1000", "max_length"), ("?grounding=maybe", "grounding"),
+    ("?concept_threshold=2", "concept_threshold"),
     ("?max_concepts=-1", "max_concepts"),
 ])
 def test_bad_options_name_the_option(client, photos, query, option):
@@ -257,7 +258,8 @@ def test_concurrent_requests_are_batched(tiny_captioner, photos):
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, range(8))) == [200] * 8
     text = app.test_client().get("/metrics").get_data(as_text=True)
-    count = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("captioner_batch_images_count")))
+    count = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith("captioner_batch_images_count")))
     assert count < 1 + 8  # warm-up + fewer model calls than requests
 
 

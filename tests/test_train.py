@@ -234,7 +234,8 @@ def test_no_concepts_and_text_data_errors(tmp_path, dataset, feature_cache):
     run = tmp_path / "plain"
     train(dataset, run, feature_cache, "--epochs", 1, "--no-concepts")
     assert read_checkpoint(run / "best.safetensors")[0].num_concepts == 0
-    assert Captioner.from_pretrained(run / "best.safetensors", device="cpu").caption(dataset.parent / "cat.jpg")["objects"]
+    captioner = Captioner.from_pretrained(run / "best.safetensors", device="cpu")
+    assert captioner.caption(dataset.parent / "cat.jpg")["objects"]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "e"), "--cache-dir",
