@@ -71,12 +71,23 @@ def load_image(source, max_pixels=MAX_PIXELS):
             # DCT-domain downscaling: decodes a 12 MP photo several times faster.
             img.draft(img.mode, (IMAGE_SIZE, IMAGE_SIZE))
         img.load()
+        img = _shrink(img)
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
     except ImageError:
         raise
     except Exception as e:  # truncated data, corrupt chunks, decoder errors of every kind
         raise ImageError(f"cannot decode image: {e}") from None
+
+
+def _shrink(img):
+    """Reduce a big decoded image by a whole factor (box filter) to at least twice the model's
+    input on its short side, before the mode conversions: each of them copies the image, and
+    at 40 megapixels a copy is 160 MB."""
+    factor = min(img.size) // (2 * IMAGE_SIZE)
+    if factor >= 2 and img.mode in ("L", "LA", "RGB", "RGBA"):
+        return img.reduce(factor)
+    return img
 
 
 def _to_rgb(img):

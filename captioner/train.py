@@ -327,7 +327,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         val_features, val_ok = compute_features(model, [r.image for r in val_set], device, cache_dir,
                                                 num_workers=num_workers, backend=backend)
         val_set = [r for r, good in zip(val_set, val_ok, strict=True) if good]
-        val_features = val_features[torch.tensor(val_ok)]
+        val_features = val_features[torch.tensor(val_ok)].to(device)  # decoded by the model, on its device
         train_features = train_features.to(device)
         with torch.inference_mode():
             train_concepts = model.decoder_concepts(model.classify_features(train_features))

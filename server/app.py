@@ -4,8 +4,11 @@ Every response is JSON (the page and its assets aside); every error is
 {"error": {"code", "message"}} with a 4xx status for bad input. Uploaded bytes stay in
 memory: nothing a client sends is written to disk or used as a path.
 """
+import ctypes
+import ctypes.util
 import dataclasses
 import io
+import sys
 import json
 import os
 import threading
@@ -23,7 +26,7 @@ from captioner.images import ImageError, load_image, preprocess
 from captioner.inference import Captioner
 from captioner.options import DEFAULT_BACKEND, DecodeOptions
 
-from .batching import BatchCaptioner
+from .batching import BatchCaptioner, QueueFull
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULTS = {
@@ -40,6 +43,15 @@ DEFAULTS = {
     # A 40 MP PNG takes up to ~0.8 GB while it is decoded; request threads take turns so
     # that a burst of such files cannot run a worker out of memory.
     "MAX_CONCURRENT_DECODES": 2,
+    # Saturation: a request that cannot start decoding within BUSY_WAIT_S, or that would put
+    # the worker's queue of images to caption over MAX_QUEUED_IMAGES, gets 503 with
+    # Retry-After at once instead of waiting its whole timeout.
+    "BUSY_WAIT_S": 1.0,
+    "MAX_QUEUED_IMAGES": 64,
+    # A client that sends a body over MAX_CONTENT_LENGTH without waiting for an answer
+    # (no `Expect: 100-continue`) only reads the 413 if the body is read first: up to this
+    # many bytes are read and dropped before answering (more: the connection is closed).
+    "MAX_DRAIN_BYTES": 64 * 1024 * 1024,
 }
 
 
@@ -72,15 +84,15 @@ def create_app(config=None):
         app.config["WEIGHTS"], app.config["DEVICE"], backend=app.config["BACKEND"])
     metrics = _make_metrics()
     batcher = BatchCaptioner(captioner, app.config["BATCH_MAX_SIZE"], app.config["BATCH_WAIT_MS"],
-                             on_batch=metrics["batch_size"].observe)
+                             on_batch=metrics["batch_size"].observe, max_queued=app.config["MAX_QUEUED_IMAGES"])
     decode_slots = threading.BoundedSemaphore(app.config["MAX_CONCURRENT_DECODES"])
     state = {"ready": False}
     app.extensions["captioner"] = {"captioner": captioner, "batcher": batcher, "metrics": metrics, "state": state}
 
     # Warm-up: one real caption through the batcher, so /readyz means "answers fast now".
+    # It runs beside the app, which answers meanwhile (/readyz with 503, captions queued).
     warm = torch.stack([preprocess(Image.new("RGB", (64, 64), (128, 128, 128)))])
-    batcher.submit(warm).result(timeout=120)
-    state["ready"] = True
+    batcher.submit(warm).add_done_callback(lambda f: state.update(ready=f.exception() is None))
 
     @app.before_request
     def start_timer():
@@ -98,7 +110,10 @@ def create_app(config=None):
 
     @app.errorhandler(ApiError)
     def api_error(e):
-        return error_response(e.status, e.code, e.message)
+        response = error_response(e.status, e.code, e.message)
+        if e.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(e):
@@ -106,8 +121,17 @@ def create_app(config=None):
                 415: "unsupported_media_type"}.get(e.code, "http_error")
         message = e.description
         if e.code == 413:
-            message = f"request body over the limit of {app.config['MAX_CONTENT_LENGTH']:,} bytes"
-        return error_response(e.code, code, message)
+            length, limit = request.content_length, app.config["MAX_CONTENT_LENGTH"]
+            if length is not None and length <= limit:  # werkzeug's form limits, not the body's size
+                message = (f"the form has too many parts (limit {request.max_form_parts}) or a text field "
+                           f"over {request.max_form_memory_size:,} bytes; send images as files")
+            else:
+                message = f"request body over the limit of {limit:,} bytes"
+            _drain(request, app.config["MAX_DRAIN_BYTES"])
+        response = error_response(e.code, code, message)
+        if e.code == 405 and getattr(e, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(e.valid_methods)
+        return response
 
     @app.errorhandler(Exception)
     def internal_error(e):
@@ -161,16 +185,24 @@ def create_app(config=None):
         options = _parse_options()
         uploads = _read_uploads(app.config["MAX_FILES"])
         pixels = []
+        big = False
         for filename, data in uploads:
-            if not decode_slots.acquire(timeout=app.config["REQUEST_TIMEOUT_S"]):
-                raise ApiError(503, "timeout", "the server is too busy to read images in time; try again")
+            if not decode_slots.acquire(timeout=app.config["BUSY_WAIT_S"]):
+                raise ApiError(503, "busy", "the server is busy reading other images; retry in a second")
             try:
+                big = big or len(data) > 1_000_000 or _pixels_in_header(data) > 4_000_000
                 pixels.append(preprocess(load_image(data, max_pixels=app.config["MAX_PIXELS"])))
             except ImageError as e:
                 raise ApiError(400, "invalid_image", f"{filename}: {e}")
             finally:
                 decode_slots.release()
-        future = batcher.submit(torch.stack(pixels), options)
+                if big:
+                    release_memory()
+        try:
+            future = batcher.submit(torch.stack(pixels), options)
+        except QueueFull:
+            raise ApiError(503, "busy", "the server has more images queued than it can caption soon; "
+                           "retry in a second")
         try:
             results = future.result(timeout=app.config["REQUEST_TIMEOUT_S"])
         except FutureTimeout:
@@ -227,6 +259,12 @@ def _read_uploads(max_files):
     if mimetype == "multipart/form-data":
         files = request.files.getlist("image")
         if not files:
+            if "image" in request.form:
+                raise ApiError(400, "missing_image", "the form field 'image' holds text, not a file: send it as a "
+                               "file part (with a filename)")
+            if not request.form and not request.files and request.content_length:
+                raise ApiError(400, "malformed_multipart", "the multipart body could not be parsed (a missing or "
+                               "wrong boundary, or a cut-off part)")
             raise ApiError(400, "missing_image", "no file in the form field 'image'")
         if len(files) > max_files:
             raise ApiError(400, "too_many_files", f"{len(files)} files in one request; the limit is {max_files}")
@@ -254,6 +292,38 @@ def _read_uploads(max_files):
         raise ApiError(400, "missing_image", "send a multipart form with an 'image' file, or an image/* body")
     raise ApiError(415, "unsupported_media_type",
                    f"content type {mimetype} is not an image; send multipart/form-data or image/*")
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+
+
+def release_memory():
+    """Hand freed heap memory back to the OS: glibc keeps what a big decode freed, so a
+    worker would otherwise stay at its peak size after a burst of large images."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def _pixels_in_header(data):
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height
+    except Exception:  # load_image says what is wrong with it
+        return 0
+
+
+def _drain(request, limit):
+    """Read and drop the rest of an over-limit body (up to `limit` bytes), so that a client
+    that sends it all before reading gets the 413 instead of a broken pipe."""
+    length = request.content_length
+    if length is None or length > limit:
+        return  # too big (or unknown) to read: the server closes the connection after answering
+    stream = request.environ["wsgi.input"]
+    try:
+        while stream.read(65536):
+            pass
+    except OSError:
+        pass
 
 
 def _make_metrics():

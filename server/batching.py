@@ -19,9 +19,16 @@ from captioner.options import DecodeOptions
 log = logging.getLogger(__name__)
 
 
+class QueueFull(Exception):
+    """The worker has more images waiting than it may queue (503 for the client)."""
+
+
 class BatchCaptioner:
-    def __init__(self, captioner, max_batch=16, max_wait_ms=5.0, on_batch=None):
+    def __init__(self, captioner, max_batch=16, max_wait_ms=5.0, on_batch=None, max_queued=None):
         self.captioner = captioner
+        self.max_queued = max_queued  # images waiting or in the model at most; None: no bound
+        self.queued = 0
+        self.lock = threading.Lock()
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch or (lambda n: None)  # metrics hook: images per model call
@@ -31,10 +38,19 @@ class BatchCaptioner:
 
     def submit(self, pixels, options=None):
         """Queue (N, 3, H, W) preprocessed images with their DecodeOptions (None: the
-        defaults); returns a Future of N result dicts."""
+        defaults); returns a Future of N result dicts. Raises QueueFull past `max_queued`."""
+        with self.lock:
+            if self.max_queued is not None and self.queued and self.queued + len(pixels) > self.max_queued:
+                raise QueueFull(f"{self.queued} images queued")
+            self.queued += len(pixels)
         future = Future()
+        future.add_done_callback(lambda f, n=len(pixels): self._done(n))
         self.requests.put((pixels, options or DecodeOptions(), future))
         return future
+
+    def _done(self, n):
+        with self.lock:
+            self.queued -= n
 
     def _collect(self):
         batch = [self.requests.get()]

@@ -30,11 +30,23 @@ accesslog = os.environ.get("CAPTIONER_ACCESS_LOG", "-")
 # and two servers on one machine (tests, benchmark) would fight over the path.
 control_socket_disable = True
 
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # ours to remove when the server stops
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir = tempfile.mkdtemp(prefix="captioner-metrics-")
+else:
+    _metrics_dir = None
 
 
 def post_fork(server, worker):
+    import ctypes
+    import ctypes.util
+
     import torch
+
+    # Two malloc arenas, not one per thread: a burst of large decodes on many request threads
+    # otherwise leaves each arena holding its peak (MALLOC_ARENA_MAX=2, set from inside).
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
 
     # server.num_workers, not `workers` above: --workers on the command line wins over this file.
     threads = int(os.environ.get("CAPTIONER_TORCH_THREADS") or max(1, available_cores() // server.num_workers))
@@ -46,3 +58,10 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_dir:
+        import shutil
+
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

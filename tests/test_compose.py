@@ -8,8 +8,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_compose_services():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    server, train = compose["services"]["server"], compose["services"]["train"]
-    assert "8000:8000" in server["ports"]
+    server, train, nginx = (compose["services"][name] for name in ("server", "train", "nginx"))
+    assert "ports" not in server and "8000" in server["expose"]  # not published: nginx is the front
+    assert nginx["ports"] == ["8000:8080"] and nginx["environment"]["CAPTIONER_UPSTREAM"] == "server:8000"
+    assert nginx["depends_on"]["server"]["condition"] == "service_healthy"
+    template = nginx["volumes"][0].split(":")[0]
+    assert (ROOT / template).is_file() and "${CAPTIONER_UPSTREAM}" in (ROOT / template).read_text()
     assert "/readyz" in " ".join(server["healthcheck"]["test"])
     assert any(v.endswith(":/app/weights:ro") for v in server["volumes"])
     limits = server["deploy"]["resources"]["limits"]

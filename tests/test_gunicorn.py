@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -120,6 +121,23 @@ def test_chunked_body_over_the_limit_is_413(server):
     assert request(base + "/readyz")[0] == 200
 
 
+def test_413_reaches_a_client_that_sends_the_whole_body_first(server):
+    """Like urllib or requests without `Expect: 100-continue`: all 3 MB go out before reading."""
+    base, proc, log = server
+    host, port = base.removeprefix("http://").split(":")
+    body = b"\xff" * (3 * 1024 * 1024)  # 3x the 1 MB limit of this server
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"too_large"' in answer
+    status, _ = request(base + "/v1/captions", data=body, content_type="image/jpeg")  # urllib itself
+    assert status == 413
+
+
 def test_sigterm_lets_in_flight_requests_finish(server, photos):
     base, proc, log = server
     data = image_bytes(photos["astronaut"])
@@ -136,3 +154,27 @@ def test_sigterm_lets_in_flight_requests_finish(server, photos):
     assert all(status == 200 for status, _ in answers), answers
     assert any(done > signalled for _, done in answers)  # they were still in flight at SIGTERM
     assert proc.wait(timeout=40) == 0
+
+
+def test_metrics_folder_is_removed_on_shutdown(tiny_checkpoint, tmp_path):
+    """Without PROMETHEUS_MULTIPROC_DIR set, the server makes one and removes it when it stops."""
+    port = free_port()
+    before = set(Path(tempfile.gettempdir()).glob("captioner-metrics-*"))
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen([str(CAPTIONER), "serve", "--port", str(port), "--workers", "1", "--weights",
+                             str(tiny_checkpoint), "--device", "cpu"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if request(f"http://127.0.0.1:{port}/readyz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.3)
+        made = set(Path(tempfile.gettempdir()).glob("captioner-metrics-*")) - before
+        assert len(made) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert not any(p.exists() for p in made)

@@ -287,3 +287,78 @@ def test_openapi_options_are_the_libraries(client):
     assert params["grounding"] == {"type": "boolean", "default": True}
     result = spec["components"]["schemas"]["Captions"]["properties"]["results"]["items"]
     assert "objects" in result["required"]
+
+
+class GatedCaptioner:
+    """Wraps a Captioner; caption_pixels waits until `gate` is set (a busy or warming model)."""
+
+    def __init__(self, captioner):
+        import threading
+
+        self.captioner, self.gate = captioner, threading.Event()
+        self.name, self.backend = captioner.name, captioner.backend
+
+    def caption_pixels(self, pixels, options=None):
+        self.gate.wait(30)
+        return self.captioner.caption_pixels(pixels, options)
+
+
+def test_ready_only_after_warm_up_while_answering(tiny_captioner):
+    gated = GatedCaptioner(tiny_captioner)
+    client = create_app({"CAPTIONER": gated}).test_client()  # returns while the warm-up waits
+    assert_error(client.get("/readyz"), 503, "not_ready")
+    assert client.get("/healthz").status_code == 200
+    gated.gate.set()
+    import time
+
+    deadline = time.monotonic() + 10
+    while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.get("/readyz").get_json()["status"] == "ready"
+
+
+def test_saturated_worker_refuses_at_once_with_retry_after(tiny_captioner, photos):
+    import threading
+    import time
+
+    gated = GatedCaptioner(tiny_captioner)
+    gated.gate.set()
+    app = create_app({"CAPTIONER": gated, "MAX_QUEUED_IMAGES": 2})
+    client, other = app.test_client(), app.test_client()
+    time.sleep(0.2)  # warm-up done
+    gated.gate.clear()
+    jpeg = image_bytes(photos["cat"])
+    first = threading.Thread(target=lambda: post(client, [(f"{i}.jpg", jpeg, None) for i in range(2)]))
+    first.start()  # two images in the model, which is stuck
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    r = post(other, [("c.jpg", jpeg, None)])
+    assert time.monotonic() - t0 < 2  # at once, not after the 30 s request timeout
+    assert_error(r, 503, "busy")
+    assert r.headers["Retry-After"] == "1"
+    gated.gate.set()
+    first.join(30)
+    assert post(other, [("c.jpg", jpeg, None)]).status_code == 200  # room again
+
+
+def test_precise_messages_and_allow(client, photos):
+    r = client.get("/v1/captions")
+    assert_error(r, 405) and r.headers["Allow"] == "OPTIONS, POST"
+    r = client.post("/v1/captions", data={"image": "just text"}, content_type="multipart/form-data")
+    assert "holds text, not a file" in assert_error(r, 400, "missing_image")
+    r = client.post("/v1/captions", data=b"--nope\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nxx",
+                    content_type="multipart/form-data; boundary=other")
+    assert "could not be parsed" in assert_error(r, 400, "malformed_multipart")
+    fields = "".join(f'--b\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n' for i in range(1001))
+    r = client.post("/v1/captions", data=(fields + "--b--\r\n").encode(),
+                    content_type="multipart/form-data; boundary=b")
+    assert "too many parts" in assert_error(r, 413, "too_large")
+
+
+def test_big_images_are_shrunk_before_conversion():
+    from captioner.images import load_image
+
+    big = Image.new("RGBA", (4000, 3000), (0, 0, 0, 0))
+    out = load_image(image_bytes(big, "PNG"))
+    assert out.mode == "RGB" and out.size == (667, 500)  # reduced 6x (rounding up): short side still >= 448
+    assert out.getpixel((10, 10)) == (255, 255, 255)  # transparency composited on white, as before
