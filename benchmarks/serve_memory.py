@@ -8,20 +8,41 @@ the project (e.g. a `git worktree` of an earlier commit) to compare in the same 
     .venv/bin/python benchmarks/serve_memory.py [--uploads 20] [--root .]
 """
 import argparse
+import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from serve import free_port, post, wait_ready
+
+
+@contextlib.contextmanager
+def gunicorn_server(root, workers):
+    """gunicorn serving the project at `root` on a free port; yields (base URL, process).
+    `python -S` with site-packages on PYTHONPATH: no .pth files run, so an editable install
+    of this project cannot put its own copy ahead of `root`'s; and `python -m` puts the
+    working folder first on sys.path, so it runs in `root`."""
+    port = free_port()
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    env = {**os.environ, "PYTHONPATH": f"{root}:{site}", "CAPTIONER_ACCESS_LOG": "/dev/null",
+           "CAPTIONER_WEIGHTS": str(root / "weights" / "model.safetensors")}
+    proc = subprocess.Popen([sys.executable, "-S", "-m", "gunicorn", "-c", str(root / "server" / "gunicorn.conf.py"),
+                             "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "server.wsgi:app"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=root)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield base, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def rss_mb(pid):
@@ -37,45 +58,13 @@ def big_png():
     return buf.getvalue()
 
 
-def post(url, data):
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "image/png"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        if e.code >= 500:
-            print(e.code, e.read().decode()[:160], flush=True)
-        return e.code
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", type=int, default=20)
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     args = parser.parse_args()
     root = args.root.resolve()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # `python -S` with site-packages on PYTHONPATH: no .pth files run, so an editable install
-    # of this project cannot put its own copy ahead of `--root`'s.
-    site = next(p for p in sys.path if p.endswith("site-packages"))
-    env = {**os.environ, "PYTHONPATH": f"{root}:{site}", "CAPTIONER_ACCESS_LOG": "/dev/null",
-           "CAPTIONER_WEIGHTS": str(root / "weights" / "model.safetensors")}
-    proc = subprocess.Popen([sys.executable, "-S", "-m", "gunicorn", "-c", str(root / "server" / "gunicorn.conf.py"),
-                             "--bind", f"127.0.0.1:{port}", "--workers", "1", "--chdir", str(root),
-                             "server.wsgi:app"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            cwd=root)  # `python -m` puts the working folder first on sys.path
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with gunicorn_server(root, 1) as (base, proc):
         worker = int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0])
         data = big_png()
         time.sleep(1)
@@ -91,15 +80,13 @@ def main():
         sampler.start()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.uploads) as pool:
-            statuses = list(pool.map(lambda _: post(base + "/v1/captions", data), range(args.uploads)))
+            statuses = [status for _, status in pool.map(lambda _: post(base + "/v1/captions", data),
+                                                         range(args.uploads))]
         elapsed = time.perf_counter() - t0
         done.set()
         sampler.join()
         time.sleep(2)
         after = rss_mb(worker)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
     print(f"{root}: {args.uploads} parallel uploads of a {len(data) / 1024:.0f} KB 8000x5000 RGBA PNG, 1 worker")
     print(f"worker RSS: idle {idle:.0f} MB, peak {peak:.0f} MB, 2 s after {after:.0f} MB "
           f"(after / idle {after / idle:.2f}); {elapsed:.1f} s; statuses {sorted(set(statuses))}")

@@ -8,19 +8,16 @@ and the flood's statuses. `--root` serves another checkout (see serve_memory.py)
     .venv/bin/python benchmarks/serve_saturation.py [--flood 8] [--workers 2] [--root .]
 """
 import argparse
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from serve_memory import big_png, post
+from serve import post
+from serve_memory import big_png, gunicorn_server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -38,28 +35,9 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     args = parser.parse_args()
-    root = args.root.resolve()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    site = next(p for p in sys.path if p.endswith("site-packages"))
-    env = {**os.environ, "PYTHONPATH": f"{root}:{site}", "CAPTIONER_ACCESS_LOG": "/dev/null",
-           "CAPTIONER_WEIGHTS": str(root / "weights" / "model.safetensors")}
-    proc = subprocess.Popen([sys.executable, "-S", "-m", "gunicorn", "-c", str(root / "server" / "gunicorn.conf.py"),
-                             "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers), "server.wsgi:app"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=root)
-    base = f"http://127.0.0.1:{port}"
     small = (EXAMPLES / "cat.jpg").read_bytes()
     body, content_type = multipart([big_png()] * 16)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with gunicorn_server(args.root.resolve(), args.workers) as (base, _):
         time.sleep(1)  # every worker up
 
         def flood_one(_):
@@ -74,25 +52,21 @@ def main():
 
         def probe():
             while not done.is_set():
-                t0 = time.perf_counter()
-                status = post(base + "/v1/captions", small)
-                normal.append((time.perf_counter() - t0, status))
+                normal.append(post(base + "/v1/captions", small))
                 time.sleep(0.25)
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         prober = threading.Thread(target=probe)
         with ThreadPoolExecutor(args.flood) as pool:
             flood = pool.map(flood_one, range(args.flood))
             time.sleep(0.2)
             prober.start()
             flood = list(flood)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - start
         done.set()
         prober.join()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
     worst = max(t for t, _ in normal)
-    print(f"{root}: {args.flood} requests of 16 x 40 MP PNG ({len(body) / 1e6:.1f} MB each), {args.workers} workers")
+    print(f"{args.root.resolve()}: {args.flood} requests of 16 x 40 MP PNG ({len(body) / 1e6:.1f} MB each), "
+          f"{args.workers} workers")
     print(f"flood: statuses {sorted(flood)} in {elapsed:.1f} s")
     print(f"normal 35 KB requests meanwhile: {len(normal)}, statuses {sorted({s for _, s in normal})}, "
           f"slowest {worst:.2f} s, median {sorted(t for t, _ in normal)[len(normal) // 2]:.2f} s")
