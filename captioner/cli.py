@@ -220,6 +220,10 @@ def caption(paths, files_from, recursive, output, fmt, resume, decode, batch_siz
             sys.exit(EXIT_OUTPUT_ERROR)
         except ValueError as e:
             raise click.ClickException(str(e))
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted; the shards written so far stay in {output}: continue with the same "
+                       "command and --resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         click.echo(f"{summary['captioned']} captioned, {summary['failed']} failed, {summary['skipped']} already "
                    f"done; records in {output}", err=True)
         sys.exit(1 if summary["failed"] else 0)

@@ -57,6 +57,36 @@ def test_ray_run_equals_the_cli_and_resumes(local_ray, tmp_path, image_folder, t
     assert result.exit_code == 1 and "use --resume" in result.output
 
 
+def test_killed_ray_run_resumes_without_losing_or_duplicating(local_ray, tmp_path, photos, trained_checkpoint):
+    """A Ray run killed with its whole process group (as a crash would), then resumed."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(300):
+        list(photos.values())[i % 4].resize((160, 120)).save(folder / f"{i:03d}.jpg")
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("captioner")), "caption", str(folder), "--engine", "ray", "-o", str(out),
+           "--batch-size", "4", "--weights", str(trained_checkpoint), "--backend", "torch"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(shard_records(out) if out.exists() else []) < 8:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = len(shard_records(out))
+    assert 8 <= before < 300, before  # stopped midway
+    result = run(folder, "--engine", "ray", "-o", out, "--resume", "--weights", trained_checkpoint,
+                 "--backend", "torch", "--batch-size", 4)
+    assert result.exit_code == 0 and f"{300 - before} captioned" in result.output, result.output
+    paths = [r["path"] for r in shard_records(out)]
+    assert len(paths) == 300 and len(set(paths)) == 300  # every photo exactly once
+
+
 def test_ray_parquet_and_files_from(local_ray, tmp_path, image_folder, trained_checkpoint):
     import pyarrow.parquet as pq
 
