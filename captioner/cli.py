@@ -63,6 +63,12 @@ backend_flag = click.option(
     help="How the encoder runs: auto picks the fastest backend that captions as well as torch fp32 here.")
 
 
+def _check_device(ctx, param, value):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not auto, cpu, cuda or cuda:N")
+    return value
+
+
 def _setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
@@ -180,7 +186,8 @@ def read_file_list(stream):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--workers", default=None, type=click.IntRange(0, 64),
               help="Image-decoding worker processes (default: half the cores, up to 4).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, callback=_check_device,
+              help="auto, cpu, cuda or cuda:N.")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Checkpoint to use (default: the shipped weights/).")
 @backend_flag
@@ -368,7 +375,8 @@ def _close_quietly(stream, output):
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Share of images held out for validation when the data has no split.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, callback=_check_device,
+              help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=click.IntRange(0, 64), help="Image-decoding worker processes.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
 @click.option("--fine-tune-encoder", is_flag=True, help="Train the CNN too (slow on a CPU).")
@@ -422,7 +430,8 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
               help="Which images to score; all = every image of the data (a set kept for evaluation).")
 @decode_flags("beam_size", "max_length", "length_alpha", "grounding", "concept_threshold", "max_concepts")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, callback=_check_device,
+              help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=None, type=click.IntRange(0, 64))
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON file for the scores and every caption (default: scores-SPLIT.json beside "
@@ -501,7 +510,8 @@ def export(weights, out, int8, calibration):
                    "and gets cores/workers threads.")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path),
               help="Checkpoint to serve (default: the shipped weights/).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, callback=_check_device,
+              help="auto, cpu, cuda or cuda:N.")
 @backend_flag
 def serve(host, port, workers, weights, device, backend):
     """Serve the HTTP API and upload page with gunicorn (server/gunicorn.conf.py)."""

@@ -201,6 +201,10 @@ def _rows_to_records(rows, path, images):
     """rows: (line number, dict) with keys image, caption and optional split."""
     pairs, splits = [], {}
     for lineno, row in rows:
+        for key in ("image", "caption", "split"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise DataError(f"{path}:{lineno}: \"{key}\" must be text, not {type(row[key]).__name__} "
+                                f"({row[key]!r})")
         image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
         if not image:
             raise DataError(f"{path}:{lineno}: empty image name")
@@ -222,20 +226,38 @@ def read_csv(path, images=None):
     images = images or path.parent
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        missing = {"image", "caption"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}; "
-                            "the header must have image,caption")
-        rows = [(i, row) for i, row in enumerate(reader, 2)]
+        try:
+            missing = {"image", "caption"} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}; "
+                                "the header must have image,caption")
+            rows = [(reader.line_num, row) for row in reader]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{_line_of_byte(path, e.start)}: not UTF-8 text ({e.reason}); "
+                            "save the file as UTF-8") from None
+        except csv.Error as e:  # e.g. a field over csv's 128 KB limit: no caption is that long
+            raise DataError(f"{path}:{reader.line_num + 1}: {e}") from None
     return _rows_to_records(rows, path, images)
+
+
+def _line_of_byte(path, offset):
+    """The line number of a byte offset into `path` (for decode errors, which give bytes).
+    A UTF-8 BOM is counted; the offset is into the decoder's current buffer, so this is
+    exact for files up to the reader's buffer size and a close guess beyond."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
 
 
 def read_jsonl(path, images=None):
     path = Path(path)
     images = images or path.parent
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

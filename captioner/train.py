@@ -40,10 +40,11 @@ from .inference import decode_features, resolve_device
 from .metrics import score_captions
 from .model import CaptionModel, ModelConfig
 from .options import DecodeOptions
-from .vocab import PAD_ID, UNK_ID, Vocabulary
+from .vocab import PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 # Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
+MIN_VAL_IMAGES = 20  # fewer, and the validation CIDEr that picks checkpoints is mostly noise
 FEATURE_CACHE_VERSION = f"{ENCODER_NAME}-squash224-v2"  # v2: JPEGs drafted to 224, not 448
 
 
@@ -176,11 +177,19 @@ def _collate_pairs(items):
 
 # ---------------------------------------------------------------- one epoch, evaluation
 
+def amp_dtype(device, amp=True):
+    """The autocast type for training on `device`, or None for fp32: bf16 where the GPU
+    computes it natively (compute capability 8.0+: A100, H100, RTX 30xx and later), fp16 with
+    loss scaling elsewhere (T4, V100: torch.cuda.is_bf16_supported() says yes there too, but
+    emulates it, slowly). No autocast on the CPU."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def _autocast(device, amp):
-    if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def train_one_epoch(model, optimizer, batches, device, clip_grad, label_smoothing, amp, scaler, desc, steps=None):
@@ -283,6 +292,10 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         raise ValueError(f"{data}: no training images")
     if not val_set:
         raise ValueError(f"{data}: no validation images (need a val/dev split, or two or more images)")
+    if len(val_set) < MIN_VAL_IMAGES:
+        log.warning("only %d validation image(s): their CIDEr is too noisy to choose the best epoch or to stop "
+                    "early on; give more (--val-fraction, or a val split with %d+ images)", len(val_set),
+                    MIN_VAL_IMAGES)
     init = None if state or not init_from else read_checkpoint(init_from)
     if state:
         vocab = Vocabulary.from_json(state["vocab"])
@@ -292,6 +305,9 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             vocab = Vocabulary(init[1].itos + [w for w in vocab.itos[4:] if w not in init[1].stoi])
     log.info("%d train and %d val images, %d text-only captions, vocabulary of %d words",
              len(train_set), len(val_set), len(text_captions), len(vocab))
+    if len(vocab) <= len(SPECIAL_TOKENS):
+        raise ValueError(f"{data}: no word appears at least --min-word-count ({min_word_count}) times in the "
+                         f"training captions, so the vocabulary would be empty; lower --min-word-count or add captions")
     if state:
         concept_map = ConceptMap.from_json(state["concepts"]) if "concepts" in state else shipped_concepts()
         config = ModelConfig(**json.loads(state["model_config"]))
@@ -380,8 +396,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     base_lrs = [g["lr"] for g in groups]
     lr_decay_epochs = lr_decay_epochs or epochs
     # bf16 autocast needs no loss scaling; the scaler is a no-op unless fp16 is used.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
     start_epoch, best, bad_epochs = 0, -math.inf, 0
     # Seed again: encoding images (DataLoaders draw seeds) must not change the training
     # order, or a run with a warm feature cache would differ from one with a cold cache.
@@ -391,6 +406,8 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         if fine_tune_encoder and "encoder" in state:
             model.encoder.load_state_dict(state["encoder"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # fp16 loss scale: resumed, not re-learnt from 65536
+            scaler.load_state_dict(state["scaler"])
         base_lrs, lr_decay_epochs = state["base_lrs"], state["lr_decay_epochs"]  # the schedule it started with
         if torch.cuda.is_available() and "cuda_rng" in state:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -432,8 +449,8 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         else:
             bad_epochs += 1
         save_checkpoint(out / "last.safetensors", model, vocab, {**info, "epoch": epoch + 1})
-        torch.save({
-            "decoder": model.decoder.state_dict(),
+        save_state({
+            "decoder": model.decoder.state_dict(), "scaler": scaler.state_dict(),
             **({"encoder": model.encoder.state_dict()} if fine_tune_encoder else {}),
             "optimizer": optimizer.state_dict(), "base_lrs": base_lrs, "lr_decay_epochs": lr_decay_epochs,
             **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
@@ -485,6 +502,14 @@ def warm_start(model, tensors, fine_tune_encoder, source):
             raise ValueError(f"{source}: {key} has shape {tuple(old.shape)}, the model {tuple(new.shape)}")
         new[:old.shape[0]] = old  # the vocabulary rows (embed, out) grow; all else is equal
     model.decoder.load_state_dict(own)
+
+
+def save_state(state, path):
+    """torch.save, atomically (a crash mid-write leaves the previous state), readable by others."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.chmod(tmp, 0o644)
+    tmp.replace(path)
 
 
 def lr_factor(epoch, decay_epochs):

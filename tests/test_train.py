@@ -289,3 +289,56 @@ def test_warm_start_errors(tmp_path, dataset, feature_cache, tiny_model, tiny_vo
             "train", "--data", dataset, "--out", tmp_path / source.stem, "--cache-dir", feature_cache,
             "--init-from", source, "--epochs", 1, "--workers", 0]])
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_amp_type_follows_the_gpu(monkeypatch):
+    from captioner.train import amp_dtype
+
+    assert amp_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: emulated bf16
+    assert amp_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100
+    assert amp_dtype(torch.device("cuda:1")) == torch.bfloat16
+    assert amp_dtype(torch.device("cuda"), amp=False) is None
+
+
+def test_device_option_takes_cuda_n(tmp_path, dataset):
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "r"),
+                                       "--device", "tpu"])
+    assert result.exit_code == 2 and "cuda:N" in result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "r"),
+                                           "--device", "cuda:1"])
+        assert result.exit_code == 1 and "no CUDA GPU" in result.output
+
+
+def test_bad_data_is_refused_up_front(tmp_path, photos, feature_cache, caplog):
+    folder = tmp_path / "three"
+    folder.mkdir()
+    rows = ["image,caption,split"]
+    for name in ("cat", "coffee", "rocket"):
+        photos[name].save(folder / f"{name}.jpg")
+        rows.append(f"{name}.jpg,a {name} here,{'val' if name == 'rocket' else 'train'}")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(main, ["train", "--data", str(folder / "data.csv"), "--out", str(tmp_path / "r"),
+                                           "--cache-dir", str(feature_cache)])
+    assert result.exit_code == 1 and "lower --min-word-count" in result.output  # not an IndexError an epoch later
+    assert "only 1 validation image" in caplog.text
+    for name, content, message in (
+            ("latin1.csv", "image,caption\ncat.jpg,a caf\xe9 cat\n".encode("latin-1"), "latin1.csv:2: not UTF-8"),
+            ("huge.csv", ("image,caption\ncat.jpg,ok\ncat.jpg," + "x" * 140_000 + "\n").encode(), "huge.csv:3: field"),
+            ("typed.jsonl", b'{"image": 5, "caption": "a cat"}\n', 'typed.jsonl:1: "image" must be text')):
+        (folder / name).write_bytes(content)
+        result = CliRunner().invoke(main, ["train", "--data", str(folder / name), "--out", str(tmp_path / name)])
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_run_files_are_readable_by_others(tmp_path, dataset, feature_cache):
+    import stat
+
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 1)
+    for name in ("best.safetensors", "last.safetensors", "train_state.pt"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
+    assert not list(run.glob("*.tmp"))
