@@ -437,10 +437,9 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
               help="JSON file for the scores and every caption (default: scores-SPLIT.json beside "
                    "--checkpoint, or in the current folder for the shipped weights).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--seed", default=0, show_default=True, type=int)
 @backend_flag
 def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, workers, output,
-             val_fraction, seed, backend):
+             val_fraction, backend):
     """Score a checkpoint with the coco-caption metrics on one split of a dataset."""
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -454,7 +453,7 @@ def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, w
     try:
         report = evaluate_checkpoint(checkpoint, data, split, fmt=fmt, images=images, decode=decode,
                                      batch_size=batch_size, device=device,
-                                     num_workers=workers, val_fraction=val_fraction, seed=seed,
+                                     num_workers=workers, val_fraction=val_fraction,
                                      backend=backend)
     except (CheckpointError, DataError, ValueError) as e:
         raise click.ClickException(str(e))

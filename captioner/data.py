@@ -5,9 +5,10 @@ Layouts: Flickr8k as released, Karpathy json, COCO captions json, CSV or JSONL w
 `image,caption` rows, and a folder of images with a same-named .txt of captions beside each.
 """
 import csv
+import hashlib
 import json
 import logging
-import random
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +67,10 @@ def detect_format(path):
     raise DataError(f"{path}: cannot tell the dataset format; pass --format")
 
 
-def read_dataset(path, format="auto", images=None, val_fraction=0.1, seed=0):
+def read_dataset(path, format="auto", images=None, val_fraction=0.1):
     """Read any supported layout. `images` is the image folder where the layout does not
     fix it. Records whose image file is missing are dropped and counted in the log.
-    A set with no split gets a seeded random train/val split."""
+    A set with no split gets a stable train/val split (assign_split)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
@@ -84,7 +85,7 @@ def read_dataset(path, format="auto", images=None, val_fraction=0.1, seed=0):
     if not records:
         raise DataError(f"{path}: the dataset is empty (no image with a caption)")
     if not any(r.split for r in records):
-        assign_random_split(records, val_fraction, seed)
+        assign_split(records, val_fraction, base=path if path.is_dir() else path.parent)
     return records
 
 
@@ -97,14 +98,22 @@ def _drop_missing_images(records, source):
     return kept
 
 
-def assign_random_split(records, val_fraction=0.1, seed=0):
-    """Seeded split by image: about `val_fraction` of images to val (at least one when
-    there are two or more), the rest to train."""
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(records) * val_fraction)) if len(records) > 1 else 0
-    for rank, i in enumerate(order):
-        records[i].split = "val" if rank < n_val else "train"
+def assign_split(records, val_fraction=0.1, base=None):
+    """Split by image on a stable hash of its path (relative to `base`, the dataset's
+    folder): an image is in val when its hash falls under `val_fraction`. Adding or removing
+    photos never moves another, and training, resuming and `captioner evaluate` all see the
+    same split. With two or more images, at least one is in val and one in train."""
+    def position(record):
+        key = os.path.relpath(record.image, base) if base else str(record.image)
+        return int(hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:13], 16) / 16 ** 13
+    positions = [position(r) for r in records]
+    for record, p in zip(records, positions, strict=True):
+        record.split = "val" if p < val_fraction else "train"
+    if len(records) > 1:
+        if all(r.split == "train" for r in records):
+            records[positions.index(min(positions))].split = "val"
+        if all(r.split == "val" for r in records):
+            records[positions.index(max(positions))].split = "train"
     return records
 
 

@@ -284,7 +284,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     decode = (decode or DecodeOptions()).replace(beam_size=beam_size, n_best=1, max_length=max_caption_length)
     if text_data and fine_tune_encoder:
         raise ValueError("--text-data trains with cached features; it cannot be combined with --fine-tune-encoder")
-    records = read_dataset(data, format, images, val_fraction=val_fraction, seed=seed)
+    records = read_dataset(data, format, images, val_fraction=val_fraction)
     text_captions = [c for path in text_data for c in read_text_captions(path)]
     train_set = [r for r in records if r.split == "train"]
     val_set = [r for r in records if r.split == "val"]
