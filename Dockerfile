@@ -1,5 +1,21 @@
-# CPU image for the captioning server. (No Docker engine runs on our build machines, so
-# this file is checked by tests/test_compose.py for shape, not built there.)
+# Two images (no Docker engine runs on our build machines, so this file is checked by
+# tests/test_compose.py for shape, not built there):
+#   the default target: the CPU image for the captioning server;
+#   `--target train`: CUDA torch wheels for training on NVIDIA GPUs (the compose `train` service).
+FROM python:3.11-slim AS train
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+# The default index serves the CUDA builds of torch (they bring their own CUDA runtime).
+RUN pip install torch==2.14.1 torchvision==0.29.1
+COPY pyproject.toml README.md ./
+COPY captioner ./captioner
+COPY server ./server
+COPY weights ./weights
+RUN pip install .
+# Resumes the run in /runs/train when it holds one, else starts it.
+CMD ["sh", "-c", "captioner train --data /data --out /runs/train --device cuda $([ -f /runs/train/train_state.pt ] && echo --resume)"]
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1

@@ -416,6 +416,10 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
             init_from=DEFAULT_WEIGHTS if init_from == "default" else init_from, backend=backend)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; every finished epoch is saved in {out}: continue with the same command "
+                   "and --resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(f"best val {summary['metric']} {summary['best']:.4f}; model: {out / 'best.safetensors'}")
 
 

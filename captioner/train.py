@@ -44,6 +44,7 @@ from .vocab import PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 # Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
+SAMPLE_CAPTIONS = 5  # validation captions kept in each metrics.jsonl row, to read how the model talks
 MIN_VAL_IMAGES = 20  # fewer, and the validation CIDEr that picks checkpoints is mostly noise
 FEATURE_CACHE_VERSION = f"{ENCODER_NAME}-squash224-v2"  # v2: JPEGs drafted to 224, not 448
 
@@ -248,6 +249,25 @@ def evaluate_features(model, vocab, features, records, options, use_java=False, 
     return score_captions(predictions, references, use_java=use_java, cider_only=not use_java), predictions
 
 
+@torch.inference_mode()
+def validation_loss(model, vocab, features, records, max_length, label_smoothing, batch_size=250):
+    """Teacher-forced loss on the validation images' reference captions (the training loss's
+    twin: a gap between them that grows means over-fitting)."""
+    model.eval()
+    index, tokens = encode_captions(records, vocab, max_length)
+    device = features.device
+    total, count = 0.0, 0
+    for s in range(0, len(tokens), batch_size):
+        feats = features[index[s:s + batch_size].to(device)]
+        toks = tokens[s:s + batch_size].to(device)
+        toks = toks[:, :int((toks != PAD_ID).sum(1).max())]
+        concepts = model.decoder_concepts(model.classify_features(feats))
+        logits = model.decoder(feats, toks[:, :-1], concepts)
+        total += caption_loss(logits.float(), toks[:, 1:], label_smoothing).item() * len(toks)
+        count += len(toks)
+    return total / max(1, count)
+
+
 # ---------------------------------------------------------------- main loop
 
 def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e-4, encoder_lr=1e-5,
@@ -432,12 +452,22 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
             model, optimizer, make_batches(), device, clip_grad, label_smoothing, amp, scaler,
             desc=f"epoch {epoch + 1}/{epochs}", steps=math.ceil(epoch_rows / batch_size))
         train_time = time.time() - t0
-        scores, _ = evaluate_features(model, vocab, *val_features_fn(), decode)
+        val_features, val_records = val_features_fn()
+        scores, predictions = evaluate_features(model, vocab, val_features, val_records, decode)
+        val_loss = validation_loss(model, vocab, val_features, val_records, max_caption_length, label_smoothing)
+        distinct = len(set(predictions.values())) / max(1, len(predictions))
+        if len(predictions) >= 10 and distinct < 0.3:
+            log.warning("epoch %d: only %d distinct captions for %d validation images: the model may be "
+                        "collapsing to a few generic captions", epoch + 1, len(set(predictions.values())),
+                        len(predictions))
         current_lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "lr": current_lr, "captions": n_captions,
-               "train_time_s": round(train_time, 1), "captions_per_s": round(n_captions / train_time, 1),
+        row = {"epoch": epoch + 1, "train_loss": round(loss, 4), "val_loss": round(val_loss, 4), "lr": current_lr,
+               "captions": n_captions, "train_time_s": round(train_time, 1),
+               "captions_per_s": round(n_captions / train_time, 1),
                "epoch_time_s": round(time.time() - t0, 1), "skipped_images": skipped,
-               **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "tokenizer"}}
+               **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "tokenizer"},
+               "val_distinct_captions": round(distinct, 4),
+               "samples": {Path(k).name: v for k, v in list(predictions.items())[:SAMPLE_CAPTIONS]}}
         with open(metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         score = scores[select_metric]
@@ -536,10 +566,14 @@ def plot_curves(metrics_file, png, select_metric):
     rows = [json.loads(line) for line in open(metrics_file)]
     epochs = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [r["train_loss"] for r in rows], marker="o")
-    a.set(title="training loss", xlabel="epoch")
+    a.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+    a.plot(epochs, [r.get("val_loss") for r in rows], marker="o", label="validation")
+    a.set(title="loss (teacher-forced)", xlabel="epoch")
+    a.legend()
     for key in (f"val_{select_metric}", "val_BLEU-4"):
         b.plot(epochs, [r.get(key) for r in rows], marker="o", label=key[4:])
+    best = max(rows, key=lambda r: r.get(f"val_{select_metric}") or 0)["epoch"]
+    b.axvline(best, color="grey", linestyle="--", label=f"best (epoch {best})")
     b.set(title="validation (beam-decoded)", xlabel="epoch")
     b.legend()
     fig.tight_layout()

@@ -22,7 +22,11 @@ def test_compose_services():
     (gpu,) = train["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert any(v.endswith(":/data:ro") for v in train["volumes"])
-    assert train["command"][:2] == ["captioner", "train"]
+    assert train["build"]["target"] == "train" and "command" not in train  # the GPU image's own command
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim AS train" in dockerfile and "--resume" in dockerfile
+    stage = dockerfile.split("AS train", 1)[1].split("\nFROM ", 1)[0]
+    assert "download.pytorch.org/whl/cpu" not in stage and "--device cuda" in stage
 
 
 def test_dockerfile_runs_gunicorn_as_non_root_with_healthcheck():

@@ -69,6 +69,8 @@ def test_train_then_resume_equals_a_straight_run(tmp_path, dataset, feature_cach
     assert {"train_loss", "lr", "val_CIDEr", "val_BLEU-1", "val_BLEU-4", "epoch_time_s", "skipped_images"} \
         <= rows[0].keys()
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[0]["val_loss"] > 0 and 0 < rows[0]["val_distinct_captions"] <= 1
+    assert list(rows[0]["samples"]) == ["astronaut.jpg"] and isinstance(rows[0]["samples"]["astronaut.jpg"], str)
     assert [r["lr"] for r in rows] == pytest.approx([5e-3, 5e-3 * lr_factor(1, 30)])
     config, vocab, _, tensors, info = read_checkpoint(resumed / "last.safetensors")
     assert (config.embed_dim, config.hidden_dim, config.cell) == (32, 32, "lstm")
