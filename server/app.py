@@ -264,7 +264,8 @@ def _read_uploads(max_files):
                                "file part (with a filename)")
             if not request.form and not request.files and request.content_length:
                 raise ApiError(400, "malformed_multipart", "the multipart body could not be parsed (a missing or "
-                               "wrong boundary, or a cut-off part)")
+                               "wrong boundary, a cut-off part, or part headers that are not UTF-8, such as a "
+                               "file name in another encoding)")
             raise ApiError(400, "missing_image", "no file in the form field 'image'")
         if len(files) > max_files:
             raise ApiError(400, "too_many_files", f"{len(files)} files in one request; the limit is {max_files}")

@@ -24,6 +24,16 @@ def post(client, files=(), query="", **kw):
     return client.post(f"/v1/captions{query}", data=data, content_type="multipart/form-data", **kw)
 
 
+def wait_ready(client, seconds=30):
+    """/readyz once the app's background warm-up is done (503 until then)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while (ready := client.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ready
+
+
 def assert_error(response, status, code=None):
     assert response.status_code == status, response.get_data(as_text=True)
     body = response.get_json()
@@ -177,7 +187,7 @@ def test_unknown_route_and_wrong_method_are_json(client):
 
 def test_health_ready_metrics(client, photos):
     assert client.get("/healthz").get_json() == {"status": "ok"}
-    ready = client.get("/readyz")
+    ready = wait_ready(client)
     assert ready.status_code == 200 and ready.get_json()["status"] == "ready"
     assert ready.get_json()["backend"] in ("torch", "torch-bf16", "onnx")  # auto: never one that costs quality
     post(client, [("c.jpg", image_bytes(photos["cat"]), None)])
@@ -309,12 +319,7 @@ def test_ready_only_after_warm_up_while_answering(tiny_captioner):
     assert_error(client.get("/readyz"), 503, "not_ready")
     assert client.get("/healthz").status_code == 200
     gated.gate.set()
-    import time
-
-    deadline = time.monotonic() + 10
-    while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert client.get("/readyz").get_json()["status"] == "ready"
+    assert wait_ready(client).get_json()["status"] == "ready"
 
 
 def test_saturated_worker_refuses_at_once_with_retry_after(tiny_captioner, photos):
@@ -325,7 +330,7 @@ def test_saturated_worker_refuses_at_once_with_retry_after(tiny_captioner, photo
     gated.gate.set()
     app = create_app({"CAPTIONER": gated, "MAX_QUEUED_IMAGES": 2})
     client, other = app.test_client(), app.test_client()
-    time.sleep(0.2)  # warm-up done
+    wait_ready(client)
     gated.gate.clear()
     jpeg = image_bytes(photos["cat"])
     first = threading.Thread(target=lambda: post(client, [(f"{i}.jpg", jpeg, None) for i in range(2)]))
@@ -349,6 +354,10 @@ def test_precise_messages_and_allow(client, photos):
     r = client.post("/v1/captions", data=b"--nope\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nxx",
                     content_type="multipart/form-data; boundary=other")
     assert "could not be parsed" in assert_error(r, 400, "malformed_multipart")
+    latin1 = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="caf\xe9.jpg"\r\n'
+              b"Content-Type: image/jpeg\r\n\r\n" + image_bytes(photos["cat"]) + b"\r\n--b--\r\n")
+    r = client.post("/v1/captions", data=latin1, content_type="multipart/form-data; boundary=b")
+    assert "file name in another encoding" in assert_error(r, 400, "malformed_multipart")
     fields = "".join(f'--b\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n' for i in range(1001))
     r = client.post("/v1/captions", data=(fields + "--b--\r\n").encode(),
                     content_type="multipart/form-data; boundary=b")
