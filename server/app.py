@@ -37,6 +37,9 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
     "MAX_FILES": 16,
     "MAX_PIXELS": 40_000_000,  # stricter than the CLI's 100 MP: a public server decodes what it is sent
+    # All images of one request together (read from their headers, before decoding). A worker
+    # decodes at most MAX_CONCURRENT_DECODES images at once: its budget is that x MAX_PIXELS.
+    "MAX_REQUEST_PIXELS": 160_000_000,
     "BATCH_MAX_SIZE": 16,
     "BATCH_WAIT_MS": 5.0,
     "REQUEST_TIMEOUT_S": 30.0,
@@ -184,13 +187,18 @@ def create_app(config=None):
         t0 = time.perf_counter()
         options = _parse_options()
         uploads = _read_uploads(app.config["MAX_FILES"])
+        sizes = [_pixels_in_header(data) for _, data in uploads]
+        total = sum(sizes)
+        if total > app.config["MAX_REQUEST_PIXELS"]:
+            raise ApiError(413, "too_many_pixels", f"the images hold {total:,} pixels together; the limit per "
+                           f"request is {app.config['MAX_REQUEST_PIXELS']:,}: send fewer or smaller images")
         pixels = []
         big = False
-        for filename, data in uploads:
+        for (filename, data), size in zip(uploads, sizes, strict=True):
             if not decode_slots.acquire(timeout=app.config["BUSY_WAIT_S"]):
                 raise ApiError(503, "busy", "the server is busy reading other images; retry in a second")
             try:
-                big = big or len(data) > 1_000_000 or _pixels_in_header(data) > 4_000_000
+                big = big or len(data) > 1_000_000 or size > 4_000_000
                 pixels.append(preprocess(load_image(data, max_pixels=app.config["MAX_PIXELS"])))
             except ImageError as e:
                 raise ApiError(400, "invalid_image", f"{filename}: {e}")

@@ -371,3 +371,11 @@ def test_big_images_are_shrunk_before_conversion():
     out = load_image(image_bytes(big, "PNG"))
     assert out.mode == "RGB" and out.size == (667, 500)  # reduced 6x (rounding up): short side still >= 448
     assert out.getpixel((10, 10)) == (255, 255, 255)  # transparency composited on white, as before
+
+
+def test_request_pixel_budget(tiny_captioner, photos):
+    client = create_app({"CAPTIONER": tiny_captioner, "MAX_REQUEST_PIXELS": 500_000}).test_client()
+    cat = image_bytes(photos["cat"])  # 451 x 300 = 135,300 pixels
+    assert post(client, [(f"{i}.jpg", cat, None) for i in range(3)]).status_code == 200
+    r = post(client, [(f"{i}.jpg", cat, None) for i in range(4)])
+    assert "limit per request is 500,000" in assert_error(r, 413, "too_many_pixels")
