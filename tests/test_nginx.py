@@ -103,8 +103,10 @@ def test_slow_clients_do_not_delay_a_normal_request(proxied, photos):
         for _ in range(3):
             t0 = time.perf_counter()
             status, body = request(proxied + "/v1/captions", data=jpeg, content_type="image/jpeg")
+            elapsed = time.perf_counter() - t0
+            print(f"a caption through nginx with 16 slow clients connected: {elapsed:.3f} s")  # pytest -s
             assert status == 200, body
-            assert time.perf_counter() - t0 < 1.0
+            assert elapsed < 1.0
     finally:
         stop.set()
         for t in slow:
