@@ -1,5 +1,6 @@
 """`captioner` command line: caption, train, evaluate, serve."""
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .options import BACKENDS, DEFAULT_BACKEND, DecodeOptions, default_server_workers
 
@@ -57,6 +59,9 @@ def decode_flags(*names):
         return wrapper
     return decorate
 
+
+# `captioner train` flags whose train() argument has another name.
+CLI_TO_TRAIN = {"fmt": "format", "workers": "num_workers"}
 
 backend_flag = click.option(
     "--backend", default=DEFAULT_BACKEND, show_default=True, type=click.Choice(BACKENDS),
@@ -401,19 +406,29 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
     from .train import train as run_training
 
     _setup_logging()
+    settings = dict(
+        format=fmt, images=images, epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=lr_decay_epochs,
+        encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers, cell=cell,
+        dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
+        max_caption_length=max_caption_length, beam_size=decode.beam_size, patience=patience, text_data=text_data,
+        text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
+        select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed, device=device,
+        num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
+        init_from=DEFAULT_WEIGHTS if init_from == "default" else init_from, backend=backend)
+    if resume:  # what the command line does not say is what the run was started with
+        from .options import DecodeOptions
+        from .train import stored_settings
+
+        ctx = click.get_current_context()
+        given = {CLI_TO_TRAIN.get(name, name) for name in ctx.params
+                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+        if given & {f.name for f in dataclasses.fields(DecodeOptions)}:  # the decoding flags make `decode`
+            given |= {"decode", "beam_size"}
+        for key, value in (stored_settings(out) or {}).items():
+            if key in settings and key not in given:
+                settings[key] = DecodeOptions(**value) if key == "decode" and value else value
     try:
-        summary = run_training(
-            data, out, format=fmt, images=images, epochs=epochs, batch_size=batch_size, lr=lr,
-            lr_decay_epochs=lr_decay_epochs,
-            encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers,
-            cell=cell, dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
-            max_caption_length=max_caption_length, beam_size=decode.beam_size, patience=patience,
-            text_data=text_data, text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout,
-            decode=decode,
-            select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed,
-            device=device, num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder,
-            resume=resume, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
-            init_from=DEFAULT_WEIGHTS if init_from == "default" else init_from, backend=backend)
+        summary = run_training(data, out, resume=resume, **settings)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     except KeyboardInterrupt:

@@ -44,6 +44,13 @@ from .vocab import PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 # Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
+# Settings a started run keeps: --resume refuses a different value, naming it. The others
+# (epochs, patience, workers, device, amp, cache folder) may change and are recorded.
+FIXED_ON_RESUME = ("data", "format", "images", "batch_size", "lr", "lr_decay_epochs", "encoder_lr", "embed_dim",
+                   "hidden_dim", "num_layers", "cell", "dropout", "label_smoothing", "min_word_count",
+                   "max_caption_length", "beam_size", "text_data", "text_sample", "concepts", "feature_dropout",
+                   "decode", "select_metric", "clip_grad", "val_fraction", "seed", "fine_tune_encoder",
+                   "init_from", "backend")
 SAMPLE_CAPTIONS = 5  # validation captions kept in each metrics.jsonl row, to read how the model talks
 MIN_VAL_IMAGES = 20  # fewer, and the validation CIDEr that picks checkpoints is mostly noise
 FEATURE_CACHE_VERSION = f"{ENCODER_NAME}-squash224-v2"  # v2: JPEGs drafted to 224, not 448
@@ -298,6 +305,13 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     if not resume and state_file.is_file():  # never overwrite an earlier run's checkpoints
         raise ValueError(f"{out} already holds a training run; use --resume to continue it, or another --out")
     state = torch.load(state_file, map_location="cpu", weights_only=True) if resume else None
+    if state and "settings" in state:
+        stored = json.loads(state["settings"])
+        changed = [k for k in FIXED_ON_RESUME if k in stored and stored[k] != args[k]]
+        if changed:
+            raise ValueError("--resume: " + "; ".join(f"--{k.replace('_', '-')} was {stored[k]!r}, now {args[k]!r}"
+                                                       for k in changed)
+                             + ". A started run keeps these; start a new run (another --out) to change them")
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -481,6 +495,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
         save_checkpoint(out / "last.safetensors", model, vocab, {**info, "epoch": epoch + 1})
         save_state({
             "decoder": model.decoder.state_dict(), "scaler": scaler.state_dict(),
+            "settings": json.dumps({k: v for k, v in args.items() if k not in ("out", "resume")}),
             **({"encoder": model.encoder.state_dict()} if fine_tune_encoder else {}),
             "optimizer": optimizer.state_dict(), "base_lrs": base_lrs, "lr_decay_epochs": lr_decay_epochs,
             **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
@@ -532,6 +547,15 @@ def warm_start(model, tensors, fine_tune_encoder, source):
             raise ValueError(f"{source}: {key} has shape {tuple(old.shape)}, the model {tuple(new.shape)}")
         new[:old.shape[0]] = old  # the vocabulary rows (embed, out) grow; all else is equal
     model.decoder.load_state_dict(own)
+
+
+def stored_settings(out):
+    """The settings a run in `out` was started with (its train_state.pt), or None."""
+    state_file = Path(out) / "train_state.pt"
+    if not state_file.is_file():
+        return None
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    return json.loads(state["settings"]) if "settings" in state else None
 
 
 def save_state(state, path):

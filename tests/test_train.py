@@ -344,3 +344,24 @@ def test_run_files_are_readable_by_others(tmp_path, dataset, feature_cache):
     for name in ("best.safetensors", "last.safetensors", "train_state.pt"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
     assert not list(run.glob("*.tmp"))
+
+
+def test_resume_keeps_the_runs_settings_and_refuses_changes(tmp_path, dataset, feature_cache):
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 1, "--cell", "gru")  # also embed/hidden 32, batch 4, lr 5e-3
+    for flags, message in ((["--cell", "lstm"], "--cell was 'gru', now 'lstm'"),
+                           (["--lr", 1e-3], "--lr was 0.005, now 0.001"),
+                           (["--beam-size", 1], "--beam-size was 3, now 1")):
+        result = CliRunner().invoke(main, [str(a) for a in ["train", "--data", dataset, "--out", run, "--cache-dir",
+                                                             feature_cache, "--resume", "--epochs", 2, *flags]])
+        assert result.exit_code == 1 and message in result.output, result.output
+    # Only what may change is given: the rest comes from the run, and what changed is recorded.
+    result = CliRunner().invoke(main, [str(a) for a in ["train", "--data", dataset, "--out", run, "--resume",
+                                                         "--cache-dir", feature_cache, "--epochs", 2,
+                                                         "--patience", 3, "--workers", 0]])
+    assert result.exit_code == 0, result.output
+    config, _, _, _, info = read_checkpoint(run / "last.safetensors")
+    assert config.cell == "gru" and config.hidden_dim == 32 and info["epoch"] == 2
+    assert info["train_args"]["epochs"] == 2 and info["train_args"]["patience"] == 3
+    assert info["train_args"]["cell"] == "gru" and info["train_args"]["lr"] == 5e-3  # true, not the flags' defaults
+    assert [r["epoch"] for r in _rows(run)] == [1, 2]
