@@ -441,7 +441,10 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
 @main.command()
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
               help="Checkpoint to score (default: the shipped weights/).")
-@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--run", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A training run folder: its best checkpoint, on the data, layout and split it trained with "
+                   "(--data and the rest may be left out).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder"]))
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -457,7 +460,7 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
                    "--checkpoint, or in the current folder for the shipped weights).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @backend_flag
-def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, workers, output,
+def evaluate(checkpoint, run, data, fmt, images, split, decode, batch_size, device, workers, output,
              val_fraction, backend):
     """Score a checkpoint with the coco-caption metrics on one split of a dataset."""
     from .checkpoint import CheckpointError
@@ -466,6 +469,22 @@ def evaluate(checkpoint, data, fmt, images, split, decode, batch_size, device, w
     from .inference import DEFAULT_WEIGHTS
 
     _setup_logging()
+    if run:
+        from .train import stored_settings
+
+        settings = stored_settings(run)
+        if settings is None:
+            raise click.UsageError(f"--run {run}: no training run there (no train_state.pt)")
+        checkpoint = checkpoint or run / "best.safetensors"
+        source = click.get_current_context().get_parameter_source
+        data = data or Path(settings["data"])
+        if source("fmt") == ParameterSource.DEFAULT:
+            fmt = settings["format"]
+        images = images or (Path(settings["images"]) if settings["images"] else None)
+        if source("val_fraction") == ParameterSource.DEFAULT:
+            val_fraction = settings["val_fraction"]
+    if data is None:
+        raise click.UsageError("give --data (or --run, a training run folder)")
     if output is None:  # beside a run's checkpoint; for the shipped weights, here (not in weights/)
         output = (checkpoint.parent if checkpoint else Path(".")) / f"scores-{split}.json"
     checkpoint = checkpoint or DEFAULT_WEIGHTS

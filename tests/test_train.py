@@ -365,3 +365,18 @@ def test_resume_keeps_the_runs_settings_and_refuses_changes(tmp_path, dataset, f
     assert info["train_args"]["epochs"] == 2 and info["train_args"]["patience"] == 3
     assert info["train_args"]["cell"] == "gru" and info["train_args"]["lr"] == 5e-3  # true, not the flags' defaults
     assert [r["epoch"] for r in _rows(run)] == [1, 2]
+
+
+def test_evaluate_a_run_on_its_own_split(tmp_path, dataset, feature_cache, monkeypatch):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 1, "--val-fraction", 0.3)
+    result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--split", "val", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "scores-val.json").read_text())
+    assert report["checkpoint"] == str(run / "best.safetensors") and report["data"] == str(dataset)
+    assert [c["image"] for c in report["captions"]] == [str(dataset.parent / "astronaut.jpg")]  # the run's val
+    result = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path)])
+    assert result.exit_code == 2 and "no training run there" in result.output
+    result = CliRunner().invoke(main, ["evaluate"])
+    assert result.exit_code == 2 and "give --data" in result.output
