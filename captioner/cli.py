@@ -379,6 +379,8 @@ def _close_quietly(stream, output):
 @click.option("--clip-grad", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Share of images held out for validation when the data has no split.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Splits by image file name: a Karpathy json (dataset_coco.json) or a list of validation images.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, callback=_check_device,
               help="auto, cpu, cuda or cuda:N.")
@@ -395,7 +397,8 @@ def _close_quietly(stream, output):
 def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encoder_lr, embed_dim, hidden_dim,
           num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, text_sample,
           concepts,
-          feature_dropout, decode, patience, select_metric, clip_grad, val_fraction, seed, device, workers, amp,
+          feature_dropout, decode, patience, select_metric, clip_grad, val_fraction, split_file, seed, device,
+          workers, amp,
           fine_tune_encoder, resume, init_from, cache_dir, backend):
     """Train a captioner; the best checkpoint is OUT/best.safetensors. Validation captions
     are decoded with the --beam-size and grounding options that users will get."""
@@ -414,7 +417,7 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
         text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
         select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed, device=device,
         num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
-        init_from=DEFAULT_WEIGHTS if init_from == "default" else init_from, backend=backend)
+        init_from=DEFAULT_WEIGHTS if init_from == "default" else init_from, backend=backend, split_file=split_file)
     if resume:  # what the command line does not say is what the run was started with
         from .options import DecodeOptions
         from .train import stored_settings
@@ -459,9 +462,11 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
               help="JSON file for the scores and every caption (default: scores-SPLIT.json beside "
                    "--checkpoint, or in the current folder for the shipped weights).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Splits by image file name: a Karpathy json (dataset_coco.json) or a list of validation images.")
 @backend_flag
 def evaluate(checkpoint, run, data, fmt, images, split, decode, batch_size, device, workers, output,
-             val_fraction, backend):
+             val_fraction, split_file, backend):
     """Score a checkpoint with the coco-caption metrics on one split of a dataset."""
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -483,6 +488,7 @@ def evaluate(checkpoint, run, data, fmt, images, split, decode, batch_size, devi
         images = images or (Path(settings["images"]) if settings["images"] else None)
         if source("val_fraction") == ParameterSource.DEFAULT:
             val_fraction = settings["val_fraction"]
+        split_file = split_file or (Path(settings["split_file"]) if settings.get("split_file") else None)
     if data is None:
         raise click.UsageError("give --data (or --run, a training run folder)")
     if output is None:  # beside a run's checkpoint; for the shipped weights, here (not in weights/)
@@ -492,7 +498,7 @@ def evaluate(checkpoint, run, data, fmt, images, split, decode, batch_size, devi
         report = evaluate_checkpoint(checkpoint, data, split, fmt=fmt, images=images, decode=decode,
                                      batch_size=batch_size, device=device,
                                      num_workers=workers, val_fraction=val_fraction,
-                                     backend=backend)
+                                     backend=backend, split_file=split_file)
     except (CheckpointError, DataError, ValueError) as e:
         raise click.ClickException(str(e))
     output.parent.mkdir(parents=True, exist_ok=True)

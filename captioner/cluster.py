@@ -116,6 +116,37 @@ def _split_preprocess():
     return T.Compose(preprocess.transforms[:2]), T.Compose(preprocess.transforms[2:])
 
 
+def drop_duplicates(output, fmt):
+    """Keep one record per path in an output folder, rewriting the shards that repeat one.
+    A killed run's Ray workers can outlive its driver for a few seconds and write shards
+    that a resumed run writes again; this makes the folder hold each photo once."""
+    fs, shards = _shards(output, ".parquet" if fmt == "parquet" else ".json")
+    seen = set()
+
+    def first_time(path):
+        new = path not in seen
+        seen.add(path)
+        return new
+    for shard in shards:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(shard, filesystem=fs)
+            keep = [first_time(p) for p in table.column("path").to_pylist()]
+            if not all(keep):
+                pq.write_table(table.filter(pa.array(keep)), shard, filesystem=fs)
+            continue
+        with fs.open_input_stream(shard) as f:
+            lines = f.read().decode("utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if first_time(json.loads(line)["path"])]
+        if len(kept) < len(lines):
+            log.warning("%s: dropping %d records written twice (by a run that was killed)", shard,
+                        len(lines) - len(kept))
+            with fs.open_output_stream(shard) as f:
+                f.write("".join(kept).encode("utf-8"))
+
+
 def read_and_preprocess(batch):
     """Ray task: read and resize a batch of images. -> the batch with `pixels`
     (B, 3, 224, 224) uint8 (zeros where unreadable) and `error` ("" where fine)."""
@@ -236,7 +267,9 @@ def caption_with_ray(inputs, output, fmt="jsonl", options=None, recursive=False,
         ds.write_parquet(out, ray_remote_args=light)
     else:
         ds.map_batches(_objects_as_lists, batch_format="pandas", **light).write_json(out, ray_remote_args=light)
-    written = [r for r in read_records(output, fmt) if r["path"] in {path for path, _ in items}]
+    drop_duplicates(output, fmt)
+    todo = {path for path, _ in items}
+    written = [r for r in read_records(output, fmt) if r["path"] in todo]
     failed = sum(bool(r.get("error")) for r in written)
     return {"captioned": len(written) - failed, "failed": failed, "skipped": skipped,
             "seconds": time.perf_counter() - t0, "startup_seconds": startup}

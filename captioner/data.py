@@ -67,10 +67,11 @@ def detect_format(path):
     raise DataError(f"{path}: cannot tell the dataset format; pass --format")
 
 
-def read_dataset(path, format="auto", images=None, val_fraction=0.1):
+def read_dataset(path, format="auto", images=None, val_fraction=0.1, split_file=None):
     """Read any supported layout. `images` is the image folder where the layout does not
     fix it. Records whose image file is missing are dropped and counted in the log.
-    A set with no split gets a stable train/val split (assign_split)."""
+    `split_file` sets the split (read_split_file); otherwise a set with no split gets a
+    stable train/val split (assign_split)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
@@ -84,8 +85,42 @@ def read_dataset(path, format="auto", images=None, val_fraction=0.1):
     records = _drop_missing_images(records, path)
     if not records:
         raise DataError(f"{path}: the dataset is empty (no image with a caption)")
-    if not any(r.split for r in records):
+    if split_file:
+        records = apply_split_file(records, split_file)
+    elif not any(r.split for r in records):
         assign_split(records, val_fraction, base=path if path.is_dir() else path.parent)
+    return records
+
+
+def apply_split_file(records, split_file):
+    """Splits from `split_file`, matched by image file name: a Karpathy json
+    (images[].filename and split; restval counts as train; images it does not list are left
+    out), or a text file of the validation images' names, one a line (the rest train)."""
+    split_file = Path(split_file)
+    if split_file.suffix.lower() == ".json":
+        data = _load_json(split_file)
+        try:
+            splits = {img["filename"]: "train" if img["split"] == "restval" else normalise_split(img["split"])
+                      for img in data["images"]}
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{split_file}: not a Karpathy split file (images[].filename and split; "
+                            f"missing {e})") from None
+        kept = [r for r in records if r.image.name in splits]
+        if len(kept) < len(records):
+            log.warning("%s: %d images of the data are not in it and are left out", split_file,
+                        len(records) - len(kept))
+        for r in kept:
+            r.split = splits[r.image.name]
+        records = kept
+    else:
+        try:
+            val = {line.strip() for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()}
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{split_file}: cannot read the split list: {e}") from None
+        for r in records:
+            r.split = "val" if r.image.name in val else "train"
+    if not records:
+        raise DataError(f"{split_file}: no image of the data is in it")
     return records
 
 
@@ -188,8 +223,8 @@ def read_karpathy(path, images=None):
 
 
 def read_coco(path, images=None):
-    """COCO captions json (images + annotations). All images go to one split, guessed from
-    the file name (captions_val2014.json -> val), train otherwise."""
+    """COCO captions json (images + annotations). The file has no split: read_dataset gives
+    it one (a --split-file such as Karpathy's dataset_coco.json, or the stable hash split)."""
     path = Path(path)
     images = images or _default_image_root(path)
     data = _load_json(path)
@@ -198,11 +233,9 @@ def read_coco(path, images=None):
         pairs = [(files[a["image_id"]], a["caption"].strip()) for a in data["annotations"] if a["caption"].strip()]
     except (KeyError, TypeError) as e:
         raise DataError(f"{path}: not COCO captions layout (missing {e})") from None
-    name = path.name.lower()
-    split = "val" if "val" in name else "test" if "test" in name else "train"
     records = _group(pairs)
     for r in records:
-        r.image, r.split = images / r.image, split
+        r.image = images / r.image
     return records
 
 

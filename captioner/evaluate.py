@@ -9,7 +9,7 @@ from .options import DEFAULT_BACKEND, DecodeOptions
 
 def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None, decode=None,
                         batch_size=64, device="auto", num_workers=None, val_fraction=0.1,
-                        backend=DEFAULT_BACKEND):
+                        backend=DEFAULT_BACKEND, split_file=None):
     """-> {"checkpoint", "data", "split", "decode", "images", "scores", "captions"}, captions
     decoded with `decode` (a DecodeOptions; n_best is 1). Unreadable images are reported,
     not scored."""
@@ -17,7 +17,7 @@ def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None,
 
     split = "all" if split == "all" else normalise_split(split)  # "all": a set that is only for scoring
     captioner = file_captioner(checkpoint, device=device, backend=backend)
-    records = [r for r in read_dataset(data, fmt, images, val_fraction=val_fraction)
+    records = [r for r in read_dataset(data, fmt, images, val_fraction=val_fraction, split_file=split_file)
                if split in ("all", r.split)]
     if not records:
         raise ValueError(f"{data}: no images in split {split!r}")

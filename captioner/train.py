@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 # Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
 # Settings a started run keeps: --resume refuses a different value, naming it. The others
 # (epochs, patience, workers, device, amp, cache folder) may change and are recorded.
-FIXED_ON_RESUME = ("data", "format", "images", "batch_size", "lr", "lr_decay_epochs", "encoder_lr", "embed_dim",
-                   "hidden_dim", "num_layers", "cell", "dropout", "label_smoothing", "min_word_count",
+FIXED_ON_RESUME = ("data", "format", "images", "split_file", "batch_size", "lr", "lr_decay_epochs", "encoder_lr",
+                   "embed_dim", "hidden_dim", "num_layers", "cell", "dropout", "label_smoothing", "min_word_count",
                    "max_caption_length", "beam_size", "text_data", "text_sample", "concepts", "feature_dropout",
                    "decode", "select_metric", "clip_grad", "val_fraction", "seed", "fine_tune_encoder",
                    "init_from", "backend")
@@ -283,7 +283,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
           resume=False, patience=5, clip_grad=5.0, label_smoothing=0.1, num_workers=None,
           cache_dir=DEFAULT_CACHE_DIR, amp=True, val_fraction=0.1, select_metric="CIDEr", lr_decay_epochs=None,
           text_data=(), text_sample=1.0, concepts=True, feature_dropout=0.0, decode=None, init_from=None,
-          backend=DEFAULT_BACKEND):
+          backend=DEFAULT_BACKEND, split_file=None):
     """Train a captioner on `data` (plus the caption-only files `text_data`) and write
     best.safetensors, last.safetensors, train_state.pt, metrics.jsonl and curves.png to
     `out`; each epoch draws the share `text_sample` of the text-only captions. `concepts`
@@ -296,6 +296,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     args["text_data"] = [str(p) for p in text_data]
     args["decode"] = decode.to_dict() if decode else None
     args["init_from"] = str(init_from) if init_from else None
+    args["split_file"] = str(split_file) if split_file else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -318,7 +319,7 @@ def train(data, out, format="auto", images=None, epochs=30, batch_size=64, lr=4e
     decode = (decode or DecodeOptions()).replace(beam_size=beam_size, n_best=1, max_length=max_caption_length)
     if text_data and fine_tune_encoder:
         raise ValueError("--text-data trains with cached features; it cannot be combined with --fine-tune-encoder")
-    records = read_dataset(data, format, images, val_fraction=val_fraction)
+    records = read_dataset(data, format, images, val_fraction=val_fraction, split_file=split_file)
     text_captions = [c for path in text_data for c in read_text_captions(path)]
     train_set = [r for r in records if r.split == "train"]
     val_set = [r for r in records if r.split == "val"]

@@ -121,3 +121,20 @@ def test_ray_option_errors(tmp_path, image_folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the cluster extra were not installed
     result = run(image_folder, "--engine", "ray", "-o", tmp_path / "o")
     assert result.exit_code == 1 and "pip install 'captioner[cluster]'" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_records_written_twice_are_dropped(tmp_path, fmt):
+    """A killed run's workers can outlive its driver and write what the resumed run writes again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from captioner.cluster import drop_duplicates, read_records
+
+    for name, paths in (("a", ["x", "y"]), ("b", ["y", "z", "z"])):
+        if fmt == "parquet":
+            pq.write_table(pa.table({"path": paths}), tmp_path / f"{name}.parquet")
+        else:
+            (tmp_path / f"{name}.json").write_text("".join(json.dumps({"path": p}) + "\n" for p in paths))
+    drop_duplicates(tmp_path, fmt)
+    assert sorted(r["path"] for r in read_records(tmp_path, fmt)) == ["x", "y", "z"]

@@ -80,19 +80,28 @@ def test_coco_json_with_image_root(tmp_path, images):
     data = {"images": [{"id": 1, "file_name": "cat.jpg"}, {"id": 2, "file_name": "astronaut.jpg"}],
             "annotations": [{"image_id": 1, "caption": "A cat."}, {"image_id": 2, "caption": "A woman."},
                             {"image_id": 1, "caption": "A cat on a chair."}, {"image_id": 2, "caption": " "}]}
-    path = tmp_path / "annotations" / "captions_val2014.json"
+    path = tmp_path / "annotations" / "captions_train2014.json"
     path.parent.mkdir()
     path.write_text(json.dumps(data))
     assert detect_format(path) == "coco"
-    assert _summary(read_dataset(path, images=images)) == [
-        ("cat.jpg", "val", ["A cat.", "A cat on a chair."]), ("astronaut.jpg", "val", ["A woman."])]
-    train_path = path.with_name("captions_train2014.json")
-    train_path.write_text(json.dumps(data))
-    assert {r.split for r in read_dataset(train_path, images=images)} == {"train"}
+    records = read_dataset(path, images=images)
+    assert [(name, caps) for name, _, caps in _summary(records)] == [
+        ("cat.jpg", ["A cat.", "A cat on a chair."]), ("astronaut.jpg", ["A woman."])]
+    assert sorted(r.split for r in records) == ["train", "val"]  # split within the file, not by its name
+    # Karpathy's split file, by image file name (restval is train; unlisted images are left out)
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "cat.jpg", "split": "restval"},
+                                               {"filename": "astronaut.jpg", "split": "test"}]}))
+    assert [(n, s) for n, s, _ in _summary(read_dataset(path, images=images, split_file=karpathy))] == [
+        ("cat.jpg", "train"), ("astronaut.jpg", "test")]
+    listing = tmp_path / "val.txt"
+    listing.write_text("cat.jpg\n")
+    assert [(n, s) for n, s, _ in _summary(read_dataset(path, images=images, split_file=listing))] == [
+        ("cat.jpg", "val"), ("astronaut.jpg", "train")]
     with pytest.raises(DataError, match="empty"):  # without the root, no image is found
         read_dataset(path)
     path.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
-    with pytest.raises(DataError, match=r"captions_val2014.json: not COCO captions layout \(missing 'file_name'\)"):
+    with pytest.raises(DataError, match=r"captions_train2014.json: not COCO captions layout \(missing 'file_name'\)"):
         read_dataset(path, images=images)
 
 
