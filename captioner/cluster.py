@@ -23,7 +23,6 @@ from .options import DEFAULT_BACKEND, DecodeOptions
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'captioner[cluster]' (or: pip install 'ray[data]')"
-RECORD_FIELDS = ("path", "caption", "score", "objects", "error")
 ACTOR_MEMORY = 1_000_000_000  # bytes a model replica holds (measured ~0.6 GB resident on a CPU)
 
 
@@ -117,11 +116,12 @@ def _split_preprocess():
 
 
 def drop_duplicates(output, fmt):
-    """Keep one record per path in an output folder, rewriting the shards that repeat one.
+    """Keep one record per path in an output folder, rewriting the shards that repeat one;
+    -> the records kept.
     A killed run's Ray workers can outlive its driver for a few seconds and write shards
     that a resumed run writes again; this makes the folder hold each photo once."""
     fs, shards = _shards(output, ".parquet" if fmt == "parquet" else ".json")
-    seen = set()
+    seen, records = set(), []
 
     def first_time(path):
         new = path not in seen
@@ -135,16 +135,21 @@ def drop_duplicates(output, fmt):
             table = pq.read_table(shard, filesystem=fs)
             keep = [first_time(p) for p in table.column("path").to_pylist()]
             if not all(keep):
-                pq.write_table(table.filter(pa.array(keep)), shard, filesystem=fs)
+                table = table.filter(pa.array(keep))
+                pq.write_table(table, shard, filesystem=fs)
+            records += table.to_pylist()
             continue
         with fs.open_input_stream(shard) as f:
             lines = f.read().decode("utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if first_time(json.loads(line)["path"])]
-        if len(kept) < len(lines):
+        rows = [json.loads(line) for line in lines]
+        keep = [first_time(row["path"]) for row in rows]
+        records += [row for row, k in zip(rows, keep, strict=True) if k]
+        if not all(keep):
             log.warning("%s: dropping %d records written twice (by a run that was killed)", shard,
-                        len(lines) - len(kept))
+                        len(keep) - sum(keep))
             with fs.open_output_stream(shard) as f:
-                f.write("".join(kept).encode("utf-8"))
+                f.write("".join(line for line, k in zip(lines, keep, strict=True) if k).encode("utf-8"))
+    return records
 
 
 def read_and_preprocess(batch):
@@ -267,9 +272,8 @@ def caption_with_ray(inputs, output, fmt="jsonl", options=None, recursive=False,
         ds.write_parquet(out, ray_remote_args=light)
     else:
         ds.map_batches(_objects_as_lists, batch_format="pandas", **light).write_json(out, ray_remote_args=light)
-    drop_duplicates(output, fmt)
     todo = {path for path, _ in items}
-    written = [r for r in read_records(output, fmt) if r["path"] in todo]
+    written = [r for r in drop_duplicates(output, fmt) if r["path"] in todo]
     failed = sum(bool(r.get("error")) for r in written)
     return {"captioned": len(written) - failed, "failed": failed, "skipped": skipped,
             "seconds": time.perf_counter() - t0, "startup_seconds": startup}

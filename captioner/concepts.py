@@ -96,13 +96,13 @@ class ConceptMap:
     def detect(self, class_logits, threshold):
         """Per image, the concepts with probability >= threshold, surest first:
         [[{"label": the concept's likeliest class, "word": head word, "p", "concept"}]]."""
-        probs = class_logits.float().softmax(dim=-1).cpu()
-        concept_p = probs @ self.matrix
+        logits = class_logits.float().cpu()
+        concept_p = self.concept_probs(logits)
         found = []
-        for b in range(len(probs)):
+        for b in range(len(logits)):
             hits = (concept_p[b] >= threshold).nonzero().flatten().tolist()
             hits.sort(key=lambda c: -float(concept_p[b, c]))
-            found.append([{"label": self.labels[max(self.classes[c], key=lambda k: float(probs[b, k]))],
+            found.append([{"label": self.labels[max(self.classes[c], key=lambda k: float(logits[b, k]))],
                            "word": self.words[c][0], "p": round(float(concept_p[b, c]), 4), "concept": c}
                           for c in hits])
         return found

@@ -137,18 +137,17 @@ def assign_split(records, val_fraction=0.1, base=None):
     """Split by image on a stable hash of its path (relative to `base`, the dataset's
     folder): an image is in val when its hash falls under `val_fraction`. Adding or removing
     photos never moves another, and training, resuming and `captioner evaluate` all see the
-    same split. With two or more images, at least one is in val and one in train."""
+    same split. At least one image is in train, and with two or more at least one in val."""
     def position(record):
         key = os.path.relpath(record.image, base) if base else str(record.image)
         return int(hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:13], 16) / 16 ** 13
     positions = [position(r) for r in records]
     for record, p in zip(records, positions, strict=True):
         record.split = "val" if p < val_fraction else "train"
-    if len(records) > 1:
-        if all(r.split == "train" for r in records):
-            records[positions.index(min(positions))].split = "val"
-        if all(r.split == "val" for r in records):
-            records[positions.index(max(positions))].split = "train"
+    if records and all(r.split == "val" for r in records):  # always something to train on
+        records[positions.index(max(positions))].split = "train"
+    if len(records) > 1 and all(r.split == "train" for r in records):
+        records[positions.index(min(positions))].split = "val"
     return records
 
 

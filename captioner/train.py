@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .backends import DEFAULT_BACKEND, DEFAULT_CACHE_DIR, load_backend
+from .backends import DEFAULT_BACKEND, DEFAULT_CACHE_DIR, load_backend, resolve_backend
 from .checkpoint import read_checkpoint, save_checkpoint
 from .concepts import ConceptMap, shipped_concepts
 from .data import Record, read_dataset, read_text_captions
@@ -74,11 +74,12 @@ def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_si
     -> (features (N, D) float32 with zeros where the image failed, list of bool ok)."""
     cache_file = Path(cache_dir) / f"features-{FEATURE_CACHE_VERSION}.safetensors"
     cache = load_file(str(cache_file)) if cache_file.is_file() else {}
-    encode = load_backend(model.encoder, backend, device, cache_dir)
-    keys = [_cache_key(p, encode.name) for p in paths]
+    name = resolve_backend(backend, device)
+    keys = [_cache_key(p, name) for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     failed = {}
-    if todo:
+    if todo:  # the encoder (an ONNX session, say) is only made when something needs encoding
+        encode = load_backend(model.encoder, backend, device, cache_dir)
         log.info("encoding %d images with %s (%d already cached in %s)", len(todo), encode.name,
                  len(paths) - len(todo), cache_file)
         loader = image_loader([paths[i] for i in todo], batch_size=batch_size, num_workers=num_workers)

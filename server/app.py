@@ -193,19 +193,20 @@ def create_app(config=None):
             raise ApiError(413, "too_many_pixels", f"the images hold {total:,} pixels together; the limit per "
                            f"request is {app.config['MAX_REQUEST_PIXELS']:,}: send fewer or smaller images")
         pixels = []
-        big = False
-        for (filename, data), size in zip(uploads, sizes, strict=True):
-            if not decode_slots.acquire(timeout=app.config["BUSY_WAIT_S"]):
-                raise ApiError(503, "busy", "the server is busy reading other images; retry in a second")
-            try:
-                big = big or len(data) > 1_000_000 or size > 4_000_000
-                pixels.append(preprocess(load_image(data, max_pixels=app.config["MAX_PIXELS"])))
-            except ImageError as e:
-                raise ApiError(400, "invalid_image", f"{filename}: {e}")
-            finally:
-                decode_slots.release()
-                if big:
-                    release_memory()
+        try:
+            for (filename, data), size in zip(uploads, sizes, strict=True):
+                if not decode_slots.acquire(timeout=app.config["BUSY_WAIT_S"]):
+                    raise ApiError(503, "busy", "the server is busy reading other images; retry in a second")
+                try:
+                    pixels.append(preprocess(load_image(data, max_pixels=app.config["MAX_PIXELS"])))
+                except ImageError as e:
+                    raise ApiError(400, "invalid_image", f"{filename}: {e}")
+                finally:
+                    decode_slots.release()
+        finally:  # once per request, whatever happened: the big decodes' memory goes back
+            if any(len(data) > 1_000_000 or size > 4_000_000
+                   for (_, data), size in zip(uploads, sizes, strict=True)):
+                release_memory()
         try:
             future = batcher.submit(torch.stack(pixels), options)
         except QueueFull:
