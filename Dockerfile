@@ -13,8 +13,10 @@ COPY captioner ./captioner
 COPY server ./server
 COPY weights ./weights
 RUN pip install .
+# One process per GPU ($GPUS, default 1; torchrun with one process is a plain run).
 # Resumes the run in /runs/train when it holds one, else starts it.
-CMD ["sh", "-c", "captioner train --data /data --out /runs/train --device cuda $([ -f /runs/train/train_state.pt ] && echo --resume)"]
+ENV GPUS=1
+CMD ["sh", "-c", "torchrun --standalone --nproc_per_node ${GPUS} -m captioner train --data /data --out /runs/train --device cuda $([ -f /runs/train/train_state.pt ] && echo --resume)"]
 
 FROM python:3.11-slim
 

@@ -12,7 +12,7 @@ import time
 
 from captioner.data import read_dataset
 from captioner.inference import Captioner
-from captioner.train import compute_features
+from captioner.features import compute_features
 
 
 def main():

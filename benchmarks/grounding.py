@@ -24,7 +24,7 @@ from captioner.data import read_dataset
 from captioner.inference import Captioner, decode_features
 from captioner.metrics import score_captions
 from captioner.options import DecodeOptions
-from captioner.train import compute_features
+from captioner.features import compute_features
 from captioner.vocab import tokenize
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .options import BACKENDS, DEFAULT_BACKEND, DecodeOptions, default_server_workers
+from .options import BACKENDS, DATA_FORMATS, DEFAULT_BACKEND, DecodeOptions, default_server_workers
 
 log = logging.getLogger("captioner")
 OUTPUT_FORMATS = ("jsonl", "csv", "txt")
@@ -59,9 +59,6 @@ def decode_flags(*names):
         return wrapper
     return decorate
 
-
-# `captioner train` flags whose train() argument has another name.
-CLI_TO_TRAIN = {"fmt": "format", "workers": "num_workers"}
 
 backend_flag = click.option(
     "--backend", default=DEFAULT_BACKEND, show_default=True, type=click.Choice(BACKENDS),
@@ -336,109 +333,87 @@ def _close_quietly(stream, output):
             pass
 
 
+def train_flags(command):
+    """Click options for every TrainConfig field, their defaults, limits, choices and help
+    read from TrainConfig (the validation decoding fields come from decode_flags). The
+    command receives `values` (a dict for TrainConfig) and `given` (the settings set on the
+    command line, which --resume takes over the run's stored ones)."""
+    from .options import TrainConfig
+
+    config_fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "decode"]
+    decode_names = ("beam_size", "length_alpha", "grounding", "concept_threshold", "max_concepts")
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        ctx = click.get_current_context()
+        given = {name for name in ctx.params
+                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+        if given & set(decode_names):  # the decoding flags make `decode`
+            given.add("decode")
+        values = {f.name: kwargs.pop(f.name) for f in config_fields}
+        values["decode"] = kwargs.pop("decode")
+        return command(values=values, given=given, **kwargs)
+
+    wrapper = decode_flags(*decode_names)(wrapper)  # builds `decode` before `wrapper` runs
+    for f in reversed(config_fields):
+        wrapper = _config_option(f)(wrapper)
+    return wrapper
+
+
+def _config_option(f):
+    """The click option of one TrainConfig field."""
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "bool":
+        return click.option(flag, is_flag=True, default=default, show_default="/" in flag,
+                            help=meta["help"])
+    low, high = meta["limits"] or (None, None)
+    low_open, high_open = meta["open_limits"]
+    if meta["path"]:
+        ctype = click.Path(exists=True, file_okay=meta["path"] != "dir", dir_okay=meta["path"] != "file",
+                           path_type=Path)
+    elif meta["choices"]:
+        ctype = click.Choice(meta["choices"])
+    elif kind == "int":
+        ctype = click.IntRange(low, high, min_open=low_open, max_open=high_open) if meta["limits"] else int
+    elif kind == "float":
+        ctype = click.FloatRange(low, high, min_open=low_open, max_open=high_open) if meta["limits"] else float
+    else:
+        ctype = click.Path(file_okay=False, path_type=Path) if f.name in ("out", "cache_dir") else str
+    if kind == "tuple":
+        return click.option(flag, multiple=True, type=ctype, help=meta["help"])
+    return click.option(flag, type=ctype, default=default, show_default=default is not None,
+                        required=f.name in ("data", "out"), help=meta["help"],
+                        callback=_check_device if f.name == "device" else None)
+
+
 @main.command()
-@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Dataset: a Flickr8k folder, Karpathy or COCO json, CSV/JSONL (image,caption), "
-                   "or a folder of images with .txt captions.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder"]))
-@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Image folder, where the layout does not fix it (default: beside the data file).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=4e-4, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--lr-decay-epochs", default=None, type=click.IntRange(1),
-              help="Cosine-decay the learning rate to 5% over this many epochs, then keep it there "
-                   "(default: --epochs). Fix it to extend a run later with --resume --epochs N.")
-@click.option("--encoder-lr", default=1e-5, show_default=True, type=click.FloatRange(0),
-              help="Learning rate of the encoder with --fine-tune-encoder.")
-@click.option("--embed-dim", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--hidden-dim", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--num-layers", default=1, show_default=True, type=click.IntRange(1, 8))
-@click.option("--cell", default="lstm", show_default=True, type=click.Choice(["lstm", "gru", "rnn"]))
-@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--min-word-count", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--max-caption-length", default=20, show_default=True, type=click.IntRange(1))
-@click.option("--text-data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Captions without images (COCO captions json, CSV/JSONL with a caption column, or "
-                   "one caption a line), trained alongside the pairs for a broader vocabulary. Repeatable.")
-@click.option("--text-sample", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Share of the --text-data captions drawn afresh for each epoch: less weighs the "
-                   "image-caption pairs more (and makes epochs shorter).")
-@click.option("--concepts/--no-concepts", default=True, show_default=True,
-              help="Give the decoder the encoder classifier's concept vector.")
-@click.option("--feature-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Share of training photos whose image feature is hidden (the concepts stay), so "
-                   "that the decoder learns to use the concepts.")
-@decode_flags("beam_size", "length_alpha", "grounding", "concept_threshold", "max_concepts")
-@click.option("--patience", default=5, show_default=True, type=click.IntRange(1),
-              help="Stop after this many epochs without a better validation score.")
-@click.option("--select-metric", default="CIDEr", show_default=True, type=click.Choice(["CIDEr", "BLEU-4"]))
-@click.option("--clip-grad", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Share of images held out for validation when the data has no split.")
-@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Splits by image file name: a Karpathy json (dataset_coco.json) or a list of validation images.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, callback=_check_device,
-              help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=None, type=click.IntRange(0, 64), help="Image-decoding worker processes.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
-@click.option("--fine-tune-encoder", is_flag=True, help="Train the CNN too (slow on a CPU).")
+@train_flags
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--init-from", default=None, metavar="CHECKPOINT",
-              help="Start from a trained model ('default' for the shipped one): its architecture and "
-                   "vocabulary, extended with the new data's words.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where image features are cached (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
-@backend_flag
-def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encoder_lr, embed_dim, hidden_dim,
-          num_layers, cell, dropout, label_smoothing, min_word_count, max_caption_length, text_data, text_sample,
-          concepts,
-          feature_dropout, decode, patience, select_metric, clip_grad, val_fraction, split_file, seed, device,
-          workers, amp,
-          fine_tune_encoder, resume, init_from, cache_dir, backend):
+def train(values, given, resume):
     """Train a captioner; the best checkpoint is OUT/best.safetensors. Validation captions
-    are decoded with the --beam-size and grounding options that users will get."""
+    are decoded with the --beam-size and grounding options that users will get. On several
+    GPUs: torchrun --nproc_per_node N -m captioner train ... (the same flags)."""
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .inference import DEFAULT_WEIGHTS
-    from .backends import DEFAULT_CACHE_DIR
+    from .options import TrainConfig
+    from .train import resume_config
     from .train import train as run_training
 
     _setup_logging()
-    settings = dict(
-        format=fmt, images=images, epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=lr_decay_epochs,
-        encoder_lr=encoder_lr, embed_dim=embed_dim, hidden_dim=hidden_dim, num_layers=num_layers, cell=cell,
-        dropout=dropout, label_smoothing=label_smoothing, min_word_count=min_word_count,
-        max_caption_length=max_caption_length, beam_size=decode.beam_size, patience=patience, text_data=text_data,
-        text_sample=text_sample, concepts=concepts, feature_dropout=feature_dropout, decode=decode,
-        select_metric=select_metric, clip_grad=clip_grad, val_fraction=val_fraction, seed=seed, device=device,
-        num_workers=workers, amp=amp, fine_tune_encoder=fine_tune_encoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
-        init_from=DEFAULT_WEIGHTS if init_from == "default" else init_from, backend=backend, split_file=split_file)
-    if resume:  # what the command line does not say is what the run was started with
-        from .options import DecodeOptions
-        from .train import stored_settings
-
-        ctx = click.get_current_context()
-        given = {CLI_TO_TRAIN.get(name, name) for name in ctx.params
-                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
-        if given & {f.name for f in dataclasses.fields(DecodeOptions)}:  # the decoding flags make `decode`
-            given |= {"decode", "beam_size"}
-        for key, value in (stored_settings(out) or {}).items():
-            if key in settings and key not in given:
-                settings[key] = DecodeOptions(**value) if key == "decode" and value else value
+    out = values["out"]
     try:
-        summary = run_training(data, out, resume=resume, **settings)
+        config = resume_config(out, values, given) if resume else TrainConfig(**values)
+        summary = run_training(config, resume=resume)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; every finished epoch is saved in {out}: continue with the same command "
                    "and --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(f"best val {summary['metric']} {summary['best']:.4f}; model: {out / 'best.safetensors'}")
+    click.echo(f"best val {summary['metric']} {summary['best']:.4f}; model: {Path(out) / 'best.safetensors'}")
 
 
 @main.command()
@@ -448,8 +423,7 @@ def train(data, fmt, images, out, epochs, batch_size, lr, lr_decay_epochs, encod
               help="A training run folder: its best checkpoint, on the data, layout and split it trained with "
                    "(--data and the rest may be left out).")
 @click.option("--data", type=click.Path(exists=True, path_type=Path))
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder"]))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(DATA_FORMATS))
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "dev", "test", "all"]),
               help="Which images to score; all = every image of the data (a set kept for evaluation).")
@@ -475,20 +449,20 @@ def evaluate(checkpoint, run, data, fmt, images, split, decode, batch_size, devi
 
     _setup_logging()
     if run:
-        from .train import stored_settings
+        from .train import stored_config
 
-        settings = stored_settings(run)
+        settings = stored_config(run)
         if settings is None:
             raise click.UsageError(f"--run {run}: no training run there (no train_state.pt)")
         checkpoint = checkpoint or run / "best.safetensors"
         source = click.get_current_context().get_parameter_source
-        data = data or Path(settings["data"])
+        data = data or Path(settings.data)
         if source("fmt") == ParameterSource.DEFAULT:
-            fmt = settings["format"]
-        images = images or (Path(settings["images"]) if settings["images"] else None)
+            fmt = settings.format
+        images = images or (Path(settings.images) if settings.images else None)
         if source("val_fraction") == ParameterSource.DEFAULT:
-            val_fraction = settings["val_fraction"]
-        split_file = split_file or (Path(settings["split_file"]) if settings.get("split_file") else None)
+            val_fraction = settings.val_fraction
+        split_file = split_file or (Path(settings.split_file) if settings.split_file else None)
     if data is None:
         raise click.UsageError("give --data (or --run, a training run folder)")
     if output is None:  # beside a run's checkpoint; for the shipped weights, here (not in weights/)
@@ -543,6 +517,46 @@ def export(weights, out, int8, calibration):
     except (CheckpointError, ValueError, OSError) as e:
         raise click.ClickException(str(e))
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'int8' if int8 else 'fp32'})")
+
+
+@main.group()
+def cache():
+    """The image-feature store of `captioner train` (in --cache-dir)."""
+
+
+_cache_dir_flag = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                               help="The cache folder (default: ~/.cache/captioner or $CAPTIONER_CACHE).")
+
+
+@cache.command("prune")
+@_cache_dir_flag
+def cache_prune(cache_dir):
+    """Drop features of changed or deleted images, old cache formats and other encoder
+    versions, and compact each store's shards. Safe while training runs."""
+    from .backends import DEFAULT_CACHE_DIR
+    from .features import prune_store
+
+    _setup_logging()
+    s = prune_store(cache_dir or DEFAULT_CACHE_DIR)
+    click.echo(f"{s['stores']} store(s): kept {s['kept']} features and {s['failed_kept']} known-unreadable images, "
+               f"dropped {s['dropped']}; shards {s['shards_before']} -> {s['shards_after']}; "
+               f"removed {len(s['removed'])} old cache(s); freed {s['bytes_freed'] / 1e6:.1f} MB")
+
+
+@cache.command("info")
+@_cache_dir_flag
+def cache_info(cache_dir):
+    """List the feature stores: entries, shards and size of each."""
+    from .backends import DEFAULT_CACHE_DIR
+    from .features import store_info
+
+    rows = store_info(cache_dir or DEFAULT_CACHE_DIR)
+    if not rows:
+        click.echo(f"no feature stores in {cache_dir or DEFAULT_CACHE_DIR}")
+    for r in rows:
+        entries = "?" if r["entries"] is None else f"{r['entries']} features, {r['failed']} unreadable"
+        click.echo(f"{r['version']}/{r['store']}  {r['root']}  {entries}, {r['shards']} shard(s), "
+                   f"{r['bytes'] / 1e6:.1f} MB")
 
 
 @main.command()

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS
+from .options import DATA_FORMATS
 
 log = logging.getLogger(__name__)
-FORMATS = ("auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder")
+FORMATS = DATA_FORMATS
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val",
                "validation": "val", "test": "test"}
 

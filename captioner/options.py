@@ -106,3 +106,141 @@ class DecodeOptions:
 
     def to_dict(self):
         return asdict(self)
+
+
+# Dataset layouts `captioner train` and `evaluate` read (data.read_dataset).
+DATA_FORMATS = ("auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder")
+
+
+def setting(default, help=None, *, limits=None, open_limits=(False, False), choices=None, path=None,
+            changeable=False, flag=None):
+    """A TrainConfig field: its default and the rules the CLI, the trainer and --resume read.
+    `limits` (low, high; None for no bound, `open_limits` excludes an end), `choices`, `path`
+    ("file", "dir" or "any": must exist), `changeable`: may differ when a run is resumed,
+    `flag`: the click flag declaration where it is not the plain --name."""
+    meta = {"help": help, "limits": limits, "open_limits": open_limits, "choices": choices, "path": path,
+            "changeable": changeable, "flag": flag}
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of `captioner train`, its default and limits, in one place. The CLI's
+    flags are generated from these fields (cli.train_flags); a run stores its config in
+    train_state.pt and in every checkpoint, and --resume refuses to change a setting that is
+    not `changeable`."""
+    data: str = setting(None, "Dataset: a Flickr8k folder, Karpathy or COCO json, CSV/JSONL (image,caption), "
+                              "or a folder of images with .txt captions.", path="any")
+    out: str = setting(None, "Run folder.", changeable=True)  # a run folder may be moved
+    format: str = setting("auto", choices=DATA_FORMATS)
+    images: str = setting(None, "Image folder, where the layout does not fix it (default: beside the data file).",
+                          path="dir")
+    epochs: int = setting(30, limits=(1, None), changeable=True)
+    batch_size: int = setting(64, "Captions per step in each process (under torchrun the global batch is this "
+                                  "times the number of processes).", limits=(1, None))
+    lr: float = setting(4e-4, limits=(0, None), open_limits=(True, False))
+    lr_decay_epochs: int = setting(None, "Cosine-decay the learning rate to 5% over this many epochs, then keep it "
+                                         "there (default: --epochs). Fix it to extend a run later with --resume "
+                                         "--epochs N.", limits=(1, None))
+    encoder_lr: float = setting(1e-5, "Learning rate of the encoder with --fine-tune-encoder.", limits=(0, None))
+    embed_dim: int = setting(512, limits=(1, None))
+    hidden_dim: int = setting(512, limits=(1, None))
+    num_layers: int = setting(1, limits=(1, 8))
+    cell: str = setting("lstm", choices=("lstm", "gru", "rnn"))
+    dropout: float = setting(0.5, limits=(0, 1), open_limits=(False, True))
+    label_smoothing: float = setting(0.1, limits=(0, 1), open_limits=(False, True))
+    min_word_count: int = setting(5, limits=(1, None))
+    max_caption_length: int = setting(20, limits=DecodeOptions.LIMITS["max_length"])
+    text_data: tuple = setting((), "Captions without images (COCO captions json, CSV/JSONL with a caption column, "
+                                   "or one caption a line), trained alongside the pairs for a broader vocabulary. "
+                                   "Repeatable.", path="file")
+    text_sample: float = setting(1.0, "Share of the --text-data captions drawn afresh for each epoch: less weighs "
+                                      "the image-caption pairs more (and makes epochs shorter).",
+                                 limits=(0, 1), open_limits=(True, False))
+    concepts: bool = setting(True, "Give the decoder the encoder classifier's concept vector.",
+                             flag="--concepts/--no-concepts")
+    feature_dropout: float = setting(0.0, "Share of training photos whose image feature is hidden (the concepts "
+                                          "stay), so that the decoder learns to use the concepts.",
+                                     limits=(0, 1), open_limits=(False, True))
+    # How validation captions are decoded, as users will get them (the CLI's --beam-size,
+    # --length-alpha and grounding flags); max_length follows max_caption_length.
+    decode: DecodeOptions = dataclasses.field(default_factory=DecodeOptions, metadata={"changeable": False})
+    patience: int = setting(5, "Stop after this many epochs without a better validation score.", limits=(1, None),
+                            changeable=True)
+    select_metric: str = setting("CIDEr", choices=("CIDEr", "BLEU-4"))
+    clip_grad: float = setting(5.0, limits=(0, None), open_limits=(True, False))
+    val_fraction: float = setting(0.1, "Share of images held out for validation when the data has no split.",
+                                  limits=(0, 1), open_limits=(False, True))
+    split_file: str = setting(None, "Splits by image file name: a Karpathy json (dataset_coco.json) or a list of "
+                                    "validation images.", path="file")
+    seed: int = setting(0)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK).",
+                          changeable=True)
+    workers: int = setting(None, "Image-decoding worker processes.", limits=(0, 64), changeable=True)
+    amp: bool = setting(True, "Mixed precision on CUDA.", flag="--amp/--no-amp", changeable=True)
+    fine_tune_encoder: bool = setting(False, "Train the CNN too (slow on a CPU).", flag="--fine-tune-encoder")
+    init_from: str = setting(None, "Start from a trained model ('default' for the shipped one): its architecture "
+                                   "and vocabulary, extended with the new data's words.")
+    cache_dir: str = setting(None, "Where image features are stored (default: ~/.cache/captioner or "
+                                   "$CAPTIONER_CACHE).", changeable=True)
+    backend: str = setting(DEFAULT_BACKEND, "How the encoder computes the stored features.", choices=BACKENDS)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if f.name in ("data", "out") and not value:
+                raise ValueError(f"--{f.name} is required")
+            if value is None or f.name == "decode":
+                continue
+            if isinstance(value, Path):  # paths are kept as text, so that the config is JSON
+                object.__setattr__(self, f.name, str(value))
+            if f.name == "text_data":
+                object.__setattr__(self, f.name, tuple(str(p) for p in value))
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(meta['choices'])}, not {value!r}")
+            if meta.get("limits"):
+                low, high = meta["limits"]
+                low_open, high_open = meta["open_limits"]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                        (f.type in (int, "int") and value != int(value)):
+                    raise ValueError(f"--{_flag(f.name)} must be a number, not {value!r}")
+                if (low is not None and (value < low or (low_open and value == low))) or \
+                        (high is not None and (value > high or (high_open and value == high))):
+                    raise ValueError(f"--{_flag(f.name)} must be in {'(' if low_open else '['}{low}, "
+                                     f"{high if high is not None else 'inf'}{')' if high_open else ']'}, not {value}")
+        decode = DecodeOptions(**self.decode) if isinstance(self.decode, dict) else self.decode
+        # One caption per validation image, as long as the training captions may be.
+        object.__setattr__(self, "decode", decode.replace(n_best=1, max_length=self.max_caption_length))
+
+    def to_dict(self):
+        return {**asdict(self), "text_data": list(self.text_data)}
+
+    @classmethod
+    def from_dict(cls, values):
+        """A stored config; names it does not know (from a newer version) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def fixed_differences(self, stored):
+        """The settings a resumed run may not change, as '--name was X, now Y' texts."""
+        changed = []
+        for f in fields(self):
+            if f.metadata.get("changeable"):
+                continue
+            old, new = getattr(stored, f.name), getattr(self, f.name)
+            if f.name == "decode":
+                changed += [f"--{_flag(k)} was {v!r}, now {new.to_dict()[k]!r}"
+                            for k, v in old.to_dict().items() if new.to_dict()[k] != v]
+            elif old != new:
+                changed.append(f"--{_flag(f.name)} was {old!r}, now {new!r}")
+        return changed
+
+
+def _flag(name):
+    return name.replace("_", "-")

@@ -27,6 +27,8 @@ def test_compose_services():
     assert "FROM python:3.11-slim AS train" in dockerfile and "--resume" in dockerfile
     stage = dockerfile.split("AS train", 1)[1].split("\nFROM ", 1)[0]
     assert "download.pytorch.org/whl/cpu" not in stage and "--device cuda" in stage
+    assert "torchrun --standalone --nproc_per_node ${GPUS} -m captioner train" in stage  # one process per GPU
+    assert train["environment"]["GPUS"] == "${GPUS:-1}" and gpu["count"] == "all"
 
 
 def test_dockerfile_runs_gunicorn_as_non_root_with_healthcheck():

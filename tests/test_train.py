@@ -211,7 +211,7 @@ def test_text_only_captions_teach_new_words(tmp_path, dataset, feature_cache):
     assert {"zebra", "zebras", "broccoli", "cat"} <= set(vocab.stoi)
     assert model.config.num_concepts == len(model.concepts) > 0
     info = read_checkpoint(run / "best.safetensors")[4]
-    assert info["text_captions"] == 100 and info["train_args"]["text_data"] == [str(text)]
+    assert info["text_captions"] == 100 and info["train_config"]["text_data"] == [str(text)]
     # The decoder's concept input alone (no photo) steers it to the concept's sentences.
     zebra = torch.zeros(1, len(model.concepts))
     zebra[0, model.concepts.index_of_word["zebra"]] = 0.9
@@ -274,7 +274,7 @@ def test_warm_start_keeps_trained_words_and_adds_new_ones(tmp_path, dataset, fea
     for key in ("decoder.embed.weight", "decoder.out.weight", "decoder.out.bias"):  # old rows carried over
         assert torch.allclose(tensors[key][:n], old_tensors[key], atol=1e-6), key
     assert torch.allclose(tensors["decoder.init_h.weight"], old_tensors["decoder.init_h.weight"], atol=1e-6)
-    assert info["train_args"]["init_from"] == str(first / "best.safetensors")
+    assert info["train_config"]["init_from"] == str(first / "best.safetensors")
 
 
 def test_warm_start_errors(tmp_path, dataset, feature_cache, tiny_model, tiny_vocab):
@@ -362,8 +362,8 @@ def test_resume_keeps_the_runs_settings_and_refuses_changes(tmp_path, dataset, f
     assert result.exit_code == 0, result.output
     config, _, _, _, info = read_checkpoint(run / "last.safetensors")
     assert config.cell == "gru" and config.hidden_dim == 32 and info["epoch"] == 2
-    assert info["train_args"]["epochs"] == 2 and info["train_args"]["patience"] == 3
-    assert info["train_args"]["cell"] == "gru" and info["train_args"]["lr"] == 5e-3  # true, not the flags' defaults
+    assert info["train_config"]["epochs"] == 2 and info["train_config"]["patience"] == 3
+    assert info["train_config"]["cell"] == "gru" and info["train_config"]["lr"] == 5e-3  # true, not the flags' defaults
     assert [r["epoch"] for r in _rows(run)] == [1, 2]
 
 
@@ -380,3 +380,83 @@ def test_evaluate_a_run_on_its_own_split(tmp_path, dataset, feature_cache, monke
     assert result.exit_code == 2 and "no training run there" in result.output
     result = CliRunner().invoke(main, ["evaluate"])
     assert result.exit_code == 2 and "give --data" in result.output
+
+
+def test_every_tensor_the_model_sees_is_on_its_device(tmp_path, dataset, feature_cache, monkeypatch):
+    """The meta device stands in for a GPU: an op that mixes a CPU tensor into a meta
+    model's weights raises, as on CUDA ("Expected all tensors to be on the same device"),
+    so features left on the CPU (the validation ones once were) fail here."""
+    from captioner.options import TrainConfig
+    from captioner.train import (Processes, TrainStep, batch_to_device, build_model, caption_loss, load_data,
+                                 read_records, validation_loss)
+
+    text = tmp_path / "text.txt"
+    text.write_text("a zebra stands in a field\na plate of broccoli\n")
+    config = TrainConfig(data=dataset, out=tmp_path / "run", cache_dir=feature_cache, embed_dim=32, hidden_dim=32,
+                         min_word_count=1, batch_size=4, workers=0, text_data=[text], feature_dropout=0.5,
+                         backend="torch")  # what "auto" means on a GPU, and here
+    train_set, val_set, text_captions = read_records(config)
+    cpu = torch.device("cpu")
+    model, vocab = build_model(config, train_set, text_captions, None, cpu)
+    load_data(config, model, vocab, train_set, val_set, text_captions, cpu, Processes())  # fills the store
+    import captioner.features
+
+    weights = captioner.features.weights_hash(model.encoder)  # meta weights have no bytes to hash
+    monkeypatch.setattr(captioner.features, "weights_hash", lambda encoder: weights)
+    meta = torch.device("meta")
+    model = model.to(meta)
+    data = load_data(config, model, vocab, train_set, val_set, text_captions, meta, Processes())
+    step, seen = TrainStep(model), 0
+    for inputs, concepts, tokens, _ in data.batches(0):
+        assert inputs.device == concepts.device == meta
+        inputs, concepts, tokens = batch_to_device(inputs, concepts, tokens, meta)
+        loss = caption_loss(step(inputs, tokens[:, :-1], concepts).float(), tokens[:, 1:])
+        loss.backward()
+        seen += len(tokens)
+    assert seen == data.captions == 6 + 2  # 3 photos x 2 captions and the text
+    assert all(p.grad.device == meta for p in model.decoder.parameters())
+    features, records = data.validation()
+    assert features.device == meta and [r.image.name for r in records] == ["astronaut.jpg"]
+    total, count = validation_loss(model, vocab, features, records, config.max_caption_length, 0.1)
+    assert total.device == meta and count == 2
+
+
+def test_train_config_is_the_one_place_for_settings(tmp_path, dataset, monkeypatch):
+    """The CLI's flags, defaults and limits come from TrainConfig; the library checks the same."""
+    import dataclasses
+
+    import captioner.train
+    from captioner.options import TrainConfig
+
+    seen = {}
+    monkeypatch.setattr(captioner.train, "train", lambda config, resume: seen.update(config=config) or
+                        {"best": 0.0, "metric": "CIDEr"})
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == TrainConfig(data=str(dataset), out=str(tmp_path / "r"))  # every default the same
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "decode":
+            assert (f.metadata["flag"] or "--" + f.name.replace("_", "-")).split("/")[0] in help_text, f.name
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--text-sample",
+                                       "0", "--cell", "gru", "--beam-size", "2", "--no-concepts"])
+    assert result.exit_code == 2 and "--text-sample" in result.output  # (0, 1]: the limit from TrainConfig
+    with pytest.raises(ValueError, match=r"--text-sample must be in \(0, 1\]"):
+        TrainConfig(data="d", out="o", text_sample=0)
+    with pytest.raises(ValueError, match="--cell must be one of lstm, gru, rnn"):
+        TrainConfig(data="d", out="o", cell="transformer")
+    config = TrainConfig(data="d", out="o", max_caption_length=30)
+    assert config.decode.max_length == 30 and TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_runs_started_before_train_config_still_resume():
+    """train_state.pt of earlier versions stored the train() keywords of then as "settings"."""
+    from captioner.options import DecodeOptions
+    from captioner.train import _stored_config
+
+    old = {"data": "d.csv", "out": "runs/x", "format": "csv", "images": None, "epochs": 3, "batch_size": 4,
+           "num_workers": 0, "beam_size": 2, "decode": DecodeOptions(beam_size=2).to_dict(), "cell": "gru",
+           "resume": False, "text_data": [], "cache_dir": "/tmp/c"}
+    config = _stored_config({"settings": json.dumps(old)})
+    assert (config.workers, config.decode.beam_size, config.cell, config.batch_size) == (0, 2, "gru", 4)
+    assert _stored_config({}) is None
