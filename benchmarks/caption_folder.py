@@ -13,8 +13,15 @@ Everything runs on the same folder of photo-sized JPEGs (made from the bundled e
 The goals: the `auto` pipeline >= 4x the naive loop, and >= 0.8x its backend's own
 encoder-only rate. `--no-grounding` adds ungrounded pipeline rows; `--weights` other models.
 
+`--stages` adds, per backend, the CPU time per image of each stage the pipeline runs:
+reading + preprocessing the JPEGs (`load_image`, `preprocess`), the encoder on pre-decoded
+tensors, and the beam search (decode_features) on precomputed features, grounded and not,
+each on one thread and with the pipeline's threads. The cores can do no more than
+cores / (read + encoder + beam search) CPU-seconds per image: that bounds the pipeline, and
+divided by the encoder-only rate, the pipeline / encoder-only ratio.
+
     .venv/bin/python benchmarks/caption_folder.py [--images 256] [--batch-size 32] [--beam-size 3]
-        [--backends auto torch torch-bf16 onnx onnx-int8] [--naive-images 64] [--weights OTHER ...]
+        [--backends auto torch torch-bf16 onnx onnx-int8] [--naive-images 64] [--weights OTHER ...] [--stages]
 """
 import argparse
 import os
@@ -25,9 +32,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captioner.backends import available_cores
+from captioner.backends import available_cores, pipeline_threads, resolve_backend
 from captioner.images import load_image, preprocess
-from captioner.inference import Captioner, file_captioner
+from captioner.inference import Captioner, decode_features, file_captioner
 from captioner.options import BACKENDS, DecodeOptions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -50,11 +57,49 @@ def naive_loop(captioner, paths, options):
 
 
 def encoder_only(captioner, pixels, batch_size):
+    """-> (images/s, CPU ms per image) of the encoder alone, in batches."""
     captioner.encode_images(pixels[:batch_size])  # warm-up
-    t0 = time.perf_counter()
-    for s in range(0, len(pixels), batch_size):
-        captioner.encode_images(pixels[s:s + batch_size])
-    return len(pixels) / (time.perf_counter() - t0)
+    rate, cpu_ms, _ = timed(lambda: [captioner.encode_images(pixels[s:s + batch_size])
+                                     for s in range(0, len(pixels), batch_size)], len(pixels))
+    return rate, cpu_ms
+
+
+def timed(fn, n):
+    """Run fn() on n images -> (images/s, CPU ms per image, what fn returned). CPU time is
+    this process's, all of its threads: what the stage takes from the cores."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return n / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / n, out
+
+
+def decode_only(captioner, features, options, batch_size):
+    """-> (images/s, CPU ms per image) of the beam search on precomputed features."""
+    def run():
+        with torch.inference_mode():
+            for s in range(0, len(features), batch_size):
+                decode_features(captioner.model, captioner.vocab, features[s:s + batch_size], options)
+    decode_features(captioner.model, captioner.vocab, features[:batch_size], options)  # warm-up
+    rate, cpu_ms, _ = timed(run, len(features))
+    return rate, cpu_ms
+
+
+def stages(backend, paths, pixels, grounded, plain, batch_size):
+    """CPU ms per image of the pipeline's stages, {stage: (one thread, pipeline threads)},
+    and the pipeline's encoder threads. Reading runs in DataLoader workers, which torch
+    gives one thread; the encoder and the beam search as file_captioner sets them up."""
+    threads = pipeline_threads(resolve_backend(backend, torch.device("cpu")))
+    found = {}
+    for n_threads in (1, threads):
+        torch.set_num_threads(n_threads)
+        captioner = Captioner.from_pretrained(device="cpu", backend=backend, threads=n_threads)
+        _, read, _ = timed(lambda: [preprocess(load_image(p)) for p in paths], len(paths))
+        _, encode = encoder_only(captioner, pixels, batch_size)
+        features = captioner.encode_images(pixels)
+        for stage, ms in (("read + preprocess", read), ("encoder", encode),
+                          ("beam search, grounded", decode_only(captioner, features, grounded, batch_size)[1]),
+                          ("beam search, no grounding", decode_only(captioner, features, plain, batch_size)[1])):
+            found.setdefault(stage, []).append(ms)
+    return found, threads
 
 
 def pipeline(captioner, paths, options, batch_size, workers):
@@ -74,12 +119,14 @@ def main():
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--no-grounding", action="store_true", help="also time pipelines without grounding")
     parser.add_argument("--weights", nargs="*", default=[], help="other checkpoints to time too (auto backend)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time each stage alone (CPU per image) and print the bound it implies")
     args = parser.parse_args()
     grounded = DecodeOptions(beam_size=args.beam_size)
     plain = grounded.replace(grounding=False)
     print(f"torch threads {torch.get_num_threads()}, cores {available_cores()} (os.cpu_count {os.cpu_count()}), "
           f"{args.images} JPEGs of 1600x1200, beam {args.beam_size}, batch {args.batch_size}")
-    rows = []
+    rows, per_stage = [], []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_folder(Path(tmp), args.images)
         pixels = torch.stack([preprocess(load_image(p)) for p in paths])
@@ -90,8 +137,8 @@ def main():
         cores = available_cores()
         for backend in args.backends:
             torch.set_num_threads(cores)  # the encoder alone gets every core
-            enc = encoder_only(Captioner.from_pretrained(device="cpu", backend=backend, threads=cores), pixels,
-                               args.batch_size)
+            enc, enc_cpu = encoder_only(Captioner.from_pretrained(device="cpu", backend=backend, threads=cores),
+                                        pixels, args.batch_size)
             captioner = file_captioner(device="cpu", backend=backend)  # the CLI's thread split
             captioner.caption(load_image(paths[0]))
             name = f"{backend} ({captioner.backend})" if backend == "auto" else backend
@@ -99,6 +146,9 @@ def main():
             rows.append((name, enc, rate, pipeline(captioner, paths, plain, args.batch_size, args.workers)
                          if args.no_grounding else None))
             print(f"{name}: encoder only {enc:.1f}, pipeline {rate:.1f} images/s", flush=True)
+            if args.stages:
+                per_stage.append((name, enc, enc_cpu, rate, *stages(backend, paths, pixels, grounded, plain,
+                                                                    args.batch_size)))
         others = []
         for weights in args.weights:
             other = file_captioner(weights, device="cpu")
@@ -114,7 +164,25 @@ def main():
     print(f"| naive loop (torch fp32) | | {naive:.1f} | | 1.00 |")
     for weights, rate in others:
         print(f"{weights}: {rate:.1f} images/s without grounding")
+    for name, enc, enc_cpu, rate, found, threads in per_stage:
+        print_stages(name, enc, enc_cpu, rate, found, threads, available_cores())
 
+
+def print_stages(name, enc, enc_cpu, rate, found, threads, cores):
+    """The stage table of one backend and the bounds it implies (with the pipeline's threads)."""
+    print(f"\n{name}: CPU ms per image (all threads of the process), {cores} cores")
+    print(f"| stage | 1 thread | pipeline's threads ({threads}) |")
+    print("|---|---|---|")
+    for stage, (one, pipe) in found.items():
+        print(f"| {stage} | {one:.2f} | {pipe:.2f} |")
+    print(f"| encoder only ({cores} threads, as in the table above) | | {enc_cpu:.2f} |")
+    for kind in ("grounded", "no grounding"):
+        total = found["read + preprocess"][1] + found["encoder"][1] + found[f"beam search, {kind}"][1]
+        bound = 1000 * cores / total
+        print(f"{kind}: read + encoder + beam search = {total:.2f} ms -> pipeline <= {cores} cores / {total:.2f} ms "
+              f"= {bound:.1f} images/s = {bound / enc:.2f} of encoder only ({enc:.1f} images/s); "
+              f"encoder / sum = {found['encoder'][1] / total:.2f}")
+    print(f"measured: pipeline grounded {rate:.1f} images/s, {rate / enc:.2f} of encoder only")
 
 if __name__ == "__main__":
     main()

@@ -413,7 +413,8 @@ def train(values, given, resume):
         click.echo(f"\ninterrupted; every finished epoch is saved in {out}: continue with the same command "
                    "and --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(f"best val {summary['metric']} {summary['best']:.4f}; model: {Path(out) / 'best.safetensors'}")
+    if summary.get("main", True):  # under torchrun, process 0 speaks for all
+        click.echo(f"best val {summary['metric']} {summary['best']:.4f}; model: {Path(out) / 'best.safetensors'}")
 
 
 @main.command()

@@ -332,7 +332,8 @@ def _encode(req, model, paths, device, cache_dir, batch_size, num_workers, backe
             pending.clear()
 
     encoded = 0
-    loader = image_loader([paths[i] for i in todo], batch_size=batch_size, num_workers=num_workers)
+    loader = image_loader([paths[i] for i in todo], batch_size=batch_size, num_workers=num_workers,
+                          pin_memory=torch.device(device).type == "cuda")
     bar = tqdm(total=len(todo), desc="encoding images", unit="img")
     try:
         for idx, pixels, errors in loader:

@@ -170,13 +170,15 @@ def collate_images(items):
     return [i for i, _ in good], pixels, errors
 
 
-def image_loader(paths, batch_size=32, num_workers=None, transform=preprocess):
-    """Batches of decoded images, in order, decoded by worker processes."""
+def image_loader(paths, batch_size=32, num_workers=None, transform=preprocess, pin_memory=None):
+    """Batches of decoded images, in order, decoded by worker processes; in pinned memory
+    (faster copies to a GPU) where `pin_memory` says, by default where there is a GPU."""
     if num_workers is None:  # the other cores encode and beam-search (Captioner.caption_files)
         num_workers = decoding_workers()
     return torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_images,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         # Each worker keeps this many batches ready: fewer of big ones, so that memory stays bounded.
         prefetch_factor=max(1, min(4, 128 // batch_size)) if num_workers else None, persistent_workers=False,
     )

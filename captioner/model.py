@@ -98,8 +98,26 @@ class CaptionDecoder(nn.Module):
         x = self.embed(tokens)
         if context is not None:
             x = x + context
-        out, state = self.rnn(x.unsqueeze(1), state)
-        return F.log_softmax(self.out(out.squeeze(1)).float(), dim=-1), state
+        if type(self.rnn) is nn.LSTM and x.device.type == "cpu" and not self.training:
+            out, state = self._lstm_step(x, state)
+        else:
+            out, state = self.rnn(x.unsqueeze(1), state)
+            out = out.squeeze(1)
+        return F.log_softmax(self.out(out).float(), dim=-1), state
+
+    def _lstm_step(self, x, state):
+        """One time step of the LSTM, layer by layer with torch.lstm_cell: the same gates and
+        weights as nn.LSTM (equal to torch's own CPU kernel bit for bit, to oneDNN's to ~1e-6).
+        nn.LSTM on a CPU runs oneDNN's RNN primitive, whose set-up on every call (~1 ms for
+        the shipped 512-unit layer) costs more than the step itself when a beam search has
+        few live rows. x (N, E), state a pair of (L, N, H) -> output (N, H), new state."""
+        h, c = state
+        hs, cs = [], []
+        for layer, weights in enumerate(self.rnn.all_weights):  # [w_ih, w_hh, b_ih, b_hh] per layer
+            x, c_layer = torch.lstm_cell(x, (h[layer], c[layer]), *weights)  # eval: no dropout between layers
+            hs.append(x)
+            cs.append(c_layer)
+        return x, (torch.stack(hs), torch.stack(cs))
 
 
 def reorder_state(state, index):
@@ -180,7 +198,7 @@ def greedy_search(decoder, features, max_length=20, length_alpha=0.7, concepts=N
                                                      strict=True)]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7, concepts=None,
                 constraints=None):
     """Beam search over all images and beams at once: every step is one batched decoder
@@ -195,12 +213,19 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
     to the state that adds the sets the word belongs to, and the answer comes from the
     state where all are met. With no constraints S = 1 and this is plain beam search.
 
+    Only live hypotheses (not finished, score > -inf) go through the decoder: the others
+    can only go on with <PAD> for free, or not at all, whatever the decoder says. An image
+    with no live hypothesis left is final and leaves the batch. This is the search that
+    runs every beam of every image to the end, up to float rounding (a matrix product
+    over fewer rows may round its last bit differently).
+
     Returns per image up to `n_best` [(token ids, log-prob, normalised score)], best first.
     """
     B, K, device = features.size(0), beam_size, features.device
     V = decoder.config.vocab_size
     M = max((len(c) for c in constraints), default=0) if constraints else 0
     S = 1 << M
+    SK = S * K  # hypothesis slots per image: row b * SK + s * K + k is image b, state s, beam k
     # word_bits[b, w]: the constraints of image b that word w meets, as bits; an image
     # with fewer than M constraints starts with the missing ones already met.
     word_bits = torch.zeros(B, V, dtype=torch.long)
@@ -213,47 +238,83 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
                 start[b] |= 1 << m
     word_bits, start = word_bits.to(device), start.to(device)
     target = torch.arange(S, device=device).view(1, S, 1) | word_bits.view(B, 1, V)  # (B, S, V) next state
-    state = decoder.init_state(features.repeat_interleave(S * K, dim=0),
-                               concepts.repeat_interleave(S * K, dim=0) if concepts is not None else None)
-    context = decoder.context(concepts.repeat_interleave(S * K, dim=0)) if concepts is not None else None
-    tokens = torch.full((B * S * K,), START_ID, dtype=torch.long, device=device)
-    scores = torch.full((B, S, K), float("-inf"), device=device)
+    # lands[b, s, r, 0, w]: 0 where word w takes a hypothesis of image b from state r to state s,
+    # else -inf. Added to the candidates it keeps those that land in s: the same values as a
+    # masked_fill with the broadcast bool mask, which costs several adds.
+    lands = torch.where(target.unsqueeze(1) == torch.arange(S, device=device).view(1, S, 1, 1), 0.0,
+                        float("-inf")).unsqueeze(3) if S > 1 else None  # (B, S, S, 1, V)
+
+    # The batch shrinks as images finish: `image` maps its rows to the caller's images.
+    image = torch.arange(B, device=device)  # (A,) for the A images still searching
+    scores = torch.full((B, S, K), float("-inf"), device=device)  # (A, S, K)
     # All beams start identical: keep one alive, in the image's start state, or topk picks duplicates.
-    scores[torch.arange(B, device=device), start, 0] = 0.0
-    finished = torch.zeros(B * S * K, dtype=torch.bool, device=device)
-    history = torch.empty(B * S * K, 0, dtype=torch.long, device=device)
-    offsets = (torch.arange(B, device=device) * S * K).view(B, 1, 1)
+    scores[image, start, 0] = 0.0
+    finished = torch.zeros(B * SK, dtype=torch.bool, device=device)  # (A*SK,)
+    history = torch.empty(B * SK, 0, dtype=torch.long, device=device)  # (A*SK, t)
+    # The live rows, and the decoder's state and last word for each of them (one per image
+    # at first: the start state is the image's, whatever beam it is on).
+    live = image * SK + start * K  # (n,) into the A*SK rows
+    state = decoder.init_state(features, concepts)  # (L, n, H), for an LSTM a pair
+    context = decoder.context(concepts) if concepts is not None else None  # (B, E): per image, not per row
+    tokens = torch.full((B,), START_ID, dtype=torch.long, device=device)  # (n,)
+    # What the finished images end with, in the caller's order.
+    final_scores = torch.empty(B, S, K, device=device)
+    final_lengths = torch.empty(B, S, K, device=device)
+    final_history = [None] * B
     for t in range(max_length + 1):
-        logp, state = decoder.step(tokens, state, context)
-        logp = _mask_logprobs(logp, t, max_length)
-        logp[finished] = float("-inf")
-        logp[finished, PAD_ID] = 0.0
-        candidates = scores.view(B, S, K, 1) + logp.view(B, S, K, V)  # (B, S, K, V)
+        A = image.size(0)
+        logp, state = decoder.step(tokens, state, context[image[live // SK]] if context is not None else None)
+        logp = _mask_logprobs(logp, t, max_length)  # (n, V)
+        # Every row's next-word log-probs: a finished hypothesis may only add <PAD>, for
+        # free; one that was never reached (score -inf) stays out of reach whatever it adds.
+        step_logp = logp.new_full((A * SK, V), float("-inf"))
+        step_logp[finished, PAD_ID] = 0.0
+        step_logp[live] = logp
+        candidates = scores.view(A, S, K, 1) + step_logp.view(A, S, K, V)  # (A, S, K, V)
         if S == 1:
-            scores, index = candidates.view(B, 1, K * V).topk(K, dim=2)  # (B, 1, K)
+            scores, index = candidates.view(A, 1, K * V).topk(K, dim=2)  # (A, 1, K)
         else:  # the best K of the candidates that land in each state
-            per_state = [candidates.masked_fill((target != s).unsqueeze(2), float("-inf")).view(B, S * K * V)
-                         .topk(K, dim=1) for s in range(S)]
-            scores = torch.stack([sc for sc, _ in per_state], 1)  # (B, S, K)
-            index = torch.stack([ix for _, ix in per_state], 1)  # (B, S, K) into S*K*V
-        rows = (offsets + index // V).view(-1)
-        tokens = (index % V).view(-1)
-        state = reorder_state(state, rows)
-        history = torch.cat([history[rows], tokens.unsqueeze(1)], dim=1)
-        finished = finished[rows] | (tokens == END_ID)
-        if (finished | (scores.view(-1) == float("-inf"))).all():
-            break
-    lengths = (history != PAD_ID).sum(1).clamp(min=1).view(B, S, K).float()
-    normalised = scores / lengths ** length_alpha
-    history = history.view(B, S, K, -1).tolist()
-    scores, normalised = scores.tolist(), normalised.tolist()
+            per_state = [(candidates + lands[:, s]).view(A, SK * V).topk(K, dim=1) for s in range(S)]
+            scores = torch.stack([sc for sc, _ in per_state], 1)  # (A, S, K)
+            index = torch.stack([ix for _, ix in per_state], 1)  # (A, S, K) into S*K*V
+        rows = (torch.arange(A, device=device).view(A, 1, 1) * SK + index // V).view(-1)  # (A*SK,) parent rows
+        words = (index % V).view(-1)  # (A*SK,)
+        history = torch.cat([history[rows], words.unsqueeze(1)], dim=1)
+        finished = finished[rows] | (words == END_ID)
+        alive = ~finished & (scores.view(-1) > float("-inf"))  # (A*SK,)
+        # A live hypothesis has a live parent (a finished or unreached one has no finite
+        # continuation but <PAD>): its state is that parent's, at the parent's place in `live`.
+        place = torch.full((A * SK,), -1, dtype=torch.long, device=device)
+        place[live] = torch.arange(live.size(0), device=device)
+        state = reorder_state(state, place[rows[alive]])
+        # Images with no live hypothesis are final (the full search would only add <PAD>s).
+        done = ~alive.view(A, SK).any(dim=1)  # (A,)
+        if done.any():
+            gone, ended = image[done], history.view(A, S, K, -1)[done]  # (D,), (D, S, K, t)
+            final_scores[gone] = scores[done]
+            final_lengths[gone] = (ended != PAD_ID).sum(-1).clamp(min=1).float()
+            for b, h in zip(gone.tolist(), ended.tolist(), strict=True):
+                final_history[b] = h
+            keep = ~done
+            image, scores = image[keep], scores[keep]
+            lands = lands[keep] if lands is not None else None
+            history = history.view(A, SK, -1)[keep].view(-1, history.size(1))
+            finished, alive = finished.view(A, SK)[keep].view(-1), alive.view(A, SK)[keep].view(-1)
+            words = words.view(A, SK)[keep].view(-1)
+            if image.numel() == 0:
+                break
+        live = alive.nonzero().squeeze(1)  # same order as the rows of `state`
+        tokens = words[live]
+    # At step max_length every live hypothesis had to say <END>, so every image is final.
+    normalised = final_scores / final_lengths ** length_alpha
+    scores, normalised = final_scores.tolist(), normalised.tolist()
     # States with more constraints met first: the full state, else the best that was reached.
     state_order = sorted(range(S), key=lambda s: -bin(s).count("1"))
     results = []
     for b in range(B):
         hyps = []
         for s in state_order:
-            hyps = [(_strip(history[b][s][k]), scores[b][s][k], normalised[b][s][k]) for k in range(K)
+            hyps = [(_strip(final_history[b][s][k]), scores[b][s][k], normalised[b][s][k]) for k in range(K)
                     if scores[b][s][k] > float("-inf")]
             if hyps:
                 break

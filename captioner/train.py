@@ -303,7 +303,8 @@ def encode_records(model, records, device, num_workers):
     feats, kept = [], []
     model.eval()
     with torch.inference_mode():
-        for idx, pixels, _ in image_loader([r.image for r in records], num_workers=num_workers):
+        for idx, pixels, _ in image_loader([r.image for r in records], num_workers=num_workers,
+                                           pin_memory=device.type == "cuda"):
             if pixels is not None:
                 feats.append(model.encode_images(pixels.to(device)))
                 kept.extend(records[i] for i in idx)
@@ -702,7 +703,7 @@ def _train(config, resume, procs, device):
             log.info("no improvement for %d epochs: stopping early", config.patience)
             break
     procs.barrier()  # no process leaves (and tears the group down) while process 0 still writes
-    return {"best": best, "metric": config.select_metric, "out": str(out)}
+    return {"best": best, "metric": config.select_metric, "out": str(out), "main": procs.main}
 
 
 def start_metrics(metrics_file, resume, start_epoch):

@@ -54,6 +54,7 @@ def test_two_processes_train_the_model_one_process_trains_and_resume(tmp_path, d
     result = run_training(2, dataset, two, feature_cache, "--epochs", 3, "--batch-size", 2)
     assert "2 processes" in result.stderr  # process 0 logs; the other one stays quiet
     assert result.stderr.count("vocabulary of") == 1
+    assert result.stdout.count("best val CIDEr") == 1
 
     # The same global batch of 4: the same loss curve and nearly the same weights. Not
     # exactly: each process averages the loss over its own captions' words.

@@ -171,3 +171,163 @@ def test_caption_model_encoder_is_frozen(tiny_model):
     assert not any(p.requires_grad for p in tiny_model.encoder.parameters())
     assert all(p.requires_grad for p in tiny_model.decoder.parameters())
     assert tiny_model.encoder_tuned is False
+
+
+# ---------------------------------------------------------------- the shipped model's beam search
+# beam_search leaves finished hypotheses and images out of its decoder steps, and steps the
+# LSTM with torch.lstm_cell. `reference_beam_search` is the search before that (every row
+# of every image to the end, nn.LSTM): the two must agree on the shipped weights.
+
+def _reference_step(decoder, tokens, state, context=None):
+    x = decoder.embed(tokens)
+    if context is not None:
+        x = x + context
+    out, state = decoder.rnn(x.unsqueeze(1), state)
+    return torch.log_softmax(decoder.out(out.squeeze(1)).float(), dim=-1), state
+
+
+@torch.no_grad()
+def reference_beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7,
+                          concepts=None, constraints=None):
+    from captioner.model import _mask_logprobs, _strip, reorder_state
+
+    B, K, V = features.size(0), beam_size, decoder.config.vocab_size
+    M = max((len(c) for c in constraints), default=0) if constraints else 0
+    S = 1 << M
+    word_bits = torch.zeros(B, V, dtype=torch.long)
+    start = torch.zeros(B, dtype=torch.long)
+    for b, sets in enumerate(constraints or []):
+        for m in range(M):
+            if m < len(sets) and sets[m]:
+                word_bits[b, sorted(sets[m])] |= 1 << m
+            else:
+                start[b] |= 1 << m
+    target = torch.arange(S).view(1, S, 1) | word_bits.view(B, 1, V)
+    def per_row(x):  # (B, ...) -> (B*S*K, ...)
+        return x.repeat_interleave(S * K, dim=0)
+
+    state = decoder.init_state(per_row(features), per_row(concepts) if concepts is not None else None)
+    context = decoder.context(per_row(concepts)) if concepts is not None else None
+    tokens = torch.full((B * S * K,), START_ID, dtype=torch.long)
+    scores = torch.full((B, S, K), float("-inf"))
+    scores[torch.arange(B), start, 0] = 0.0
+    finished = torch.zeros(B * S * K, dtype=torch.bool)
+    history = torch.empty(B * S * K, 0, dtype=torch.long)
+    offsets = (torch.arange(B) * S * K).view(B, 1, 1)
+    for t in range(max_length + 1):
+        logp, state = _reference_step(decoder, tokens, state, context)
+        logp = _mask_logprobs(logp, t, max_length)
+        logp[finished] = float("-inf")
+        logp[finished, PAD_ID] = 0.0
+        candidates = scores.view(B, S, K, 1) + logp.view(B, S, K, V)
+        if S == 1:
+            scores, index = candidates.view(B, 1, K * V).topk(K, dim=2)
+        else:
+            per_state = [candidates.masked_fill((target != s).unsqueeze(2), float("-inf")).view(B, S * K * V)
+                         .topk(K, dim=1) for s in range(S)]
+            scores = torch.stack([sc for sc, _ in per_state], 1)
+            index = torch.stack([ix for _, ix in per_state], 1)
+        rows = (offsets + index // V).view(-1)
+        tokens = (index % V).view(-1)
+        state = reorder_state(state, rows)
+        history = torch.cat([history[rows], tokens.unsqueeze(1)], dim=1)
+        finished = finished[rows] | (tokens == END_ID)
+        if (finished | (scores.view(-1) == float("-inf"))).all():
+            break
+    lengths = (history != PAD_ID).sum(1).clamp(min=1).view(B, S, K).float()
+    normalised = (scores / lengths ** length_alpha).tolist()
+    history, scores = history.view(B, S, K, -1).tolist(), scores.tolist()
+    results = []
+    for b in range(B):
+        hyps = []
+        for s in sorted(range(S), key=lambda s: -bin(s).count("1")):
+            hyps = [(_strip(history[b][s][k]), scores[b][s][k], normalised[b][s][k]) for k in range(K)
+                    if scores[b][s][k] > float("-inf")]
+            if hyps:
+                break
+        hyps.sort(key=lambda h: -h[2])
+        results.append(hyps[:n_best])
+    return results
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """(shipped Captioner on the torch encoder, features (12, 1280) of real photos): six of
+    skimage's photos, whole and cropped, so that the images of a batch end at different steps.
+    The tests using it run torch on one thread: the searches' small matrix products gain
+    nothing from a second, and on a busy machine each of them would wait for it."""
+    from PIL import Image
+    from skimage import data
+
+    from captioner.images import preprocess
+    from captioner.inference import DEFAULT_WEIGHTS, Captioner
+
+    captioner = Captioner.from_pretrained(DEFAULT_WEIGHTS, device="cpu", backend="torch")
+    views = []
+    for name in ("chelsea", "coffee", "rocket", "astronaut", "immunohistochemistry", "camera"):
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        w, h = img.size
+        views += [img, img.crop((w // 3, h // 4, w, h))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield captioner, captioner.encode_images(torch.stack([preprocess(v) for v in views]))
+    torch.set_num_threads(threads)
+
+
+def _same_hypotheses(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert [ids for ids, _, _ in g] == [ids for ids, _, _ in w]
+        assert [lp for _, lp, _ in g] == pytest.approx([lp for _, lp, _ in w], abs=1e-5)
+        assert [s for _, _, s in g] == pytest.approx([s for _, _, s in w], abs=1e-5)
+
+
+def test_beam_search_matches_the_full_search_on_the_shipped_model(shipped):
+    captioner, features = shipped
+    model, ids = captioner.model, captioner.vocab.stoi
+    concepts = model.decoder_concepts(model.classify_features(features))
+    # Constraints: one per image; and a mix of none, one and two (S = 4 states), disjunctive
+    # sets among them, most of which the photo would never say unprompted.
+    forced = [{ids["cat"], ids["cats"]}, {ids["dog"]}, {ids["man"], ids["woman"]}, {ids["water"]}, {ids["red"]}]
+    one = [[forced[i % 5]] for i in range(len(features))]
+    mixed = [[forced[i % 5], forced[(i + 2) % 5]][:i % 3] for i in range(len(features))]
+    for beam_size, n_best, max_length, constraints in [
+            (3, 1, 20, None), (3, 3, 20, one), (3, 2, 20, mixed), (1, 1, 20, mixed), (5, 5, 20, None),
+            (10, 2, 16, one), (2, 2, 3, mixed)]:  # max_length 3: every image runs out of room
+        kwargs = dict(beam_size=beam_size, n_best=n_best, max_length=max_length, concepts=concepts,
+                      constraints=constraints)
+        got = beam_search(model.decoder, features, **kwargs)
+        _same_hypotheses(got, reference_beam_search(model.decoder, features, **kwargs))
+        assert all(len(h) == n_best for h in got)
+
+
+@pytest.mark.parametrize("options", [DecodeOptions(), DecodeOptions(grounding=False, beam_size=5, n_best=3),
+                                     DecodeOptions(max_concepts=2, concept_threshold=0.05, beam_size=2, n_best=2)])
+def test_decode_features_unchanged_on_the_shipped_model(shipped, options, monkeypatch):
+    import captioner.inference as inference
+
+    shipped_captioner, features = shipped
+    model, vocab = shipped_captioner.model, shipped_captioner.vocab
+    results = decode_features(model, vocab, features, options)
+    monkeypatch.setattr(inference, "beam_search", reference_beam_search)
+    want = decode_features(model, vocab, features, options)
+    for r, w in zip(results, want, strict=True):  # scores are rounded to 4 decimals: allow one step
+        assert [r["caption"], r["objects"]] == [w["caption"], w["objects"]]
+        assert [a["caption"] for a in r["alternatives"]] == [a["caption"] for a in w["alternatives"]]
+        assert [r["score"], r["log_prob"]] == pytest.approx([w["score"], w["log_prob"]], abs=1.5e-4)
+    assert any(r["objects"] for r in results)
+
+
+def test_lstm_step_equals_nn_lstm():
+    for layers in (1, 2):
+        torch.manual_seed(layers)
+        decoder = CaptionDecoder(ModelConfig(vocab_size=30, feature_dim=16, embed_dim=16, hidden_dim=32,
+                                             num_layers=layers)).eval()
+        state = decoder.init_state(torch.randn(5, 16))
+        tokens, context = torch.randint(4, 30, (5,)), torch.randn(5, 16)
+        with torch.no_grad():
+            logp, (h, c) = decoder.step(tokens, state, context)
+            want, (h_want, c_want) = _reference_step(decoder, tokens, state, context)
+        assert h.shape == h_want.shape == (layers, 5, 32)
+        assert torch.allclose(logp, want, atol=1e-5) and torch.allclose(h, h_want, atol=1e-6)
+        assert torch.allclose(c, c_want, atol=1e-6)
