@@ -211,7 +211,6 @@ def load_data(config, model, vocab, train_set, val_set, text_captions, device, p
     batch_size, seed = config.batch_size, config.seed
     train_idx, train_tokens = encode_captions(train_set, vocab, config.max_caption_length)
     train_paths = [r.image for r in train_set]
-    references = {str(r.image): r.captions for r in val_set}
 
     def sampler(n, epoch):
         # The same shuffle in every process (seed + epoch), each taking its share, padded so
@@ -233,14 +232,14 @@ def load_data(config, model, vocab, train_set, val_set, text_captions, device, p
             return encode_records(model, procs.share(val_set), device, config.workers)
 
         steps = math.ceil(math.ceil(len(pairs) / procs.world) / batch_size)
-        return TrainData(batches, steps, len(pairs), validation, references)
+        return TrainData(batches, steps, len(pairs), validation, {str(r.image): r.captions for r in val_set})
 
     cache_dir = config.cache_dir or DEFAULT_CACHE_DIR
     all_paths = train_paths + [r.image for r in val_set]
-    # Each process encodes its share of what the store lacks; then every process reads all.
-    encode_missing(model, all_paths, device, cache_dir, num_workers=config.workers, backend=config.backend,
-                   part=(procs.rank, procs.world))
-    procs.barrier()
+    if procs.world > 1:  # each process encodes its share of what the store lacks; then every one reads all
+        encode_missing(model, all_paths, device, cache_dir, num_workers=config.workers, backend=config.backend,
+                       part=(procs.rank, procs.world))
+        procs.barrier()
     features, ok = compute_features(model, all_paths, device, cache_dir, num_workers=config.workers,
                                     backend=config.backend)
     train_features, val_features = features[:len(train_paths)], features[len(train_paths):]
@@ -252,8 +251,7 @@ def load_data(config, model, vocab, train_set, val_set, text_captions, device, p
     val_set = [r for r, good in zip(val_set, val_ok, strict=True) if good]
     val_features = val_features[torch.tensor(val_ok)]
     references = {str(r.image): r.captions for r in val_set}
-    share = torch.arange(procs.rank, len(val_set), procs.world)
-    val_share = (val_features[share].to(device), procs.share(val_set))  # decoded by the model, on its device
+    val_share = (procs.share(val_features).to(device), procs.share(val_set))  # decoded by the model, on its device
 
     train_features = train_features.to(device)
     with torch.inference_mode():
