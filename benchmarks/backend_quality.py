@@ -14,6 +14,7 @@ from pathlib import Path
 
 from captioner.evaluate import evaluate_checkpoint
 from captioner.inference import DEFAULT_WEIGHTS
+from captioner.options import EvalConfig
 
 
 def main():
@@ -25,7 +26,8 @@ def main():
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None, help="JSON file for every backend's report")
     args = parser.parse_args()
-    reports = {b: evaluate_checkpoint(args.weights, args.data, args.split, backend=b, num_workers=args.workers)
+    config = EvalConfig(data=args.data, split=args.split)
+    reports = {b: evaluate_checkpoint(args.weights, config, backend=b, workers=args.workers)
                for b in dict.fromkeys(["torch", *args.backends])}
     ref = reports["torch"]
     ref_captions = {c["image"]: c["caption"] for c in ref["captions"]}

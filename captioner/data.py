@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS
-from .options import DATA_FORMATS
+from .options import DATA_FORMATS, VAL_FRACTION
 
 log = logging.getLogger(__name__)
-FORMATS = DATA_FORMATS
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val",
                "validation": "val", "test": "test"}
 
@@ -68,17 +67,17 @@ def detect_format(path):
     raise DataError(f"{path}: cannot tell the dataset format; pass --format")
 
 
-def read_dataset(path, format="auto", images=None, val_fraction=0.1, split_file=None):
+def read_dataset(path, format="auto", images=None, val_fraction=VAL_FRACTION, split_file=None):
     """Read any supported layout. `images` is the image folder where the layout does not
     fix it. Records whose image file is missing are dropped and counted in the log.
-    `split_file` sets the split (read_split_file); otherwise a set with no split gets a
+    `split_file` sets the split (apply_split_file); otherwise a set with no split gets a
     stable train/val split (assign_split)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
     fmt = detect_format(path) if format == "auto" else format
-    if fmt not in FORMATS[1:]:
-        raise DataError(f"unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
+    if fmt not in DATA_FORMATS[1:]:
+        raise DataError(f"unknown dataset format {format!r}; use one of {', '.join(DATA_FORMATS)}")
     images = Path(images) if images else None
     reader = {"flickr8k": read_flickr8k, "karpathy": read_karpathy, "coco": read_coco,
               "csv": read_csv, "jsonl": read_jsonl, "folder": read_folder}[fmt]
@@ -134,7 +133,7 @@ def _drop_missing_images(records, source):
     return kept
 
 
-def assign_split(records, val_fraction=0.1, base=None):
+def assign_split(records, val_fraction=VAL_FRACTION, base=None):
     """Split by image on a stable hash of its path (relative to `base`, the dataset's
     folder): an image is in val when its hash falls under `val_fraction`. Adding or removing
     photos never moves another, and training, resuming and `captioner evaluate` all see the

@@ -7,26 +7,25 @@ from .metrics import score_captions
 from .options import DEFAULT_BACKEND, DecodeOptions
 
 
-def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None, decode=None,
-                        batch_size=64, device="auto", num_workers=None, val_fraction=0.1,
-                        backend=DEFAULT_BACKEND, split_file=None):
-    """-> {"checkpoint", "data", "split", "decode", "images", "scores", "captions"}, captions
-    decoded with `decode` (a DecodeOptions; n_best is 1). Unreadable images are reported,
-    not scored."""
+def evaluate_checkpoint(checkpoint, config, decode=None, device="auto", workers=None, backend=DEFAULT_BACKEND):
+    """-> {"checkpoint", "data", "split", "decode", "images", "scores", "captions"}: the
+    images of `config` (an EvalConfig) captioned with `decode` (a DecodeOptions; n_best is
+    1) by `workers` image-decoding processes. Unreadable images are reported, not scored."""
     from tqdm import tqdm
 
-    split = "all" if split == "all" else normalise_split(split)  # "all": a set that is only for scoring
+    split = "all" if config.split == "all" else normalise_split(config.split)  # "all": a set only for scoring
     captioner = file_captioner(checkpoint, device=device, backend=backend)
-    records = [r for r in read_dataset(data, fmt, images, val_fraction=val_fraction, split_file=split_file)
+    records = [r for r in read_dataset(config.data, config.format, config.images, val_fraction=config.val_fraction,
+                                       split_file=config.split_file)
                if split in ("all", r.split)]
     if not records:
-        raise ValueError(f"{data}: no images in split {split!r}")
+        raise ValueError(f"{config.data}: no images in split {split!r}")
     decode = (decode or DecodeOptions()).replace(n_best=1)
     predictions, objects, failed = {}, {}, {}
     t0 = time.time()
     paths = [r.image for r in records]
     with tqdm(total=len(records), desc=f"captioning {split}", unit="img") as bar:
-        for i, result, error in captioner.caption_files(paths, decode, batch_size, num_workers):
+        for i, result, error in captioner.caption_files(paths, decode, config.batch_size, workers):
             if error is not None:
                 failed[str(paths[i])] = error
             else:
@@ -37,7 +36,7 @@ def evaluate_checkpoint(checkpoint, data, split="test", fmt="auto", images=None,
     references = {str(r.image): r.captions for r in records if str(r.image) in predictions}
     scores = score_captions(predictions, references)
     return {
-        "checkpoint": str(checkpoint), "data": str(data), "split": split, "backend": captioner.backend,
+        "checkpoint": str(checkpoint), "data": str(config.data), "split": split, "backend": captioner.backend,
         "decode": decode.to_dict(),
         "images": len(predictions), "failed": failed, "caption_seconds": round(elapsed, 1),
         "scores": scores,

@@ -1,333 +1,66 @@
-"""Image features for `captioner train`: each photo is encoded once and kept on disk in a
-feature store, so that a rerun, or another run on the same photos, starts decoding at once.
-
-The store is per image folder, sharded and append-only:
-
-    <cache_dir>/feature-store/<FEATURE_CACHE_VERSION>/<folder name>-<hash of its path>/
-        ROOT                                         the image folder this store is for
-        shard-<time_ns>-<pid>-<random>.safetensors   one per write, never rewritten
-
-A shard holds `keys` (N, 20) uint8, the sha1 digests of feature_key; `features` (N, D)
-float32; and `failed` (M, 20) uint8, images that could not be decoded, so that reruns do not
-try them again. Its metadata lists the files (real path, size, mtime_ns) behind both, which
-is what prune_store checks, and the backend and encoder weights that encoded them.
-
-Why this shape: a single cache file has to be read whole and rewritten whole to add to it
-(at COCO scale, 123k photos, a 630 MB file rewritten ~60 times while encoding), and two
-runs writing it at once lose each other's work. Here a write adds a file under a name of
-its own, reading an index reads the keys only, and gather() reads the rows it is asked for
-straight from the memory-mapped shards into one preallocated tensor.
+"""Image features for `captioner train`: each photo is encoded once and kept in the feature
+store (feature_store.py), so that a rerun, or another run on the same photos, starts
+decoding at once. `encode_missing` fills the store; `compute_features` fills it and reads
+the features back.
 """
-import hashlib
-import json
 import logging
 import os
-import re
-import shutil
-import time
-from collections import defaultdict
-from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .backends import DEFAULT_BACKEND, DEFAULT_CACHE_DIR, load_backend, resolve_backend, weights_hash
-from .encoder import ENCODER_NAME
+from .backends import load_backend, resolve_backend
+from .export import weights_hash
+from .feature_store import FEATURE_CACHE_VERSION, FeatureStore, common_folder, file_info, file_key
 from .images import image_loader
+from .machine import DEFAULT_CACHE_DIR
+from .options import DEFAULT_BACKEND
 
 log = logging.getLogger(__name__)
 
-# Bump when the encoder or `preprocess` changes, so stale cached features are not reused.
-FEATURE_CACHE_VERSION = f"{ENCODER_NAME}-squash224-v2"  # v2: JPEGs drafted to 224, not 448
-STORE_DIR = "feature-store"
 FLUSH_EVERY = 2000  # images per shard while encoding: an interrupted run loses at most the last few
-COMPACT_ROWS = 16384  # rows per shard after prune_store (~84 MB at D=1280)
-KEY_BYTES = 20  # a sha1 digest
-STALE_TMP_S = 3600  # a writer's temp file this old belongs to a process that died
+BATCH_SIZE = 64  # images per encoder call
 
 
-# ---------------------------------------------------------------- keys
-
-def feature_key(path, backend="torch", weights=""):
-    """The store key of image file `path` encoded by `backend` with the encoder whose
-    backends.weights_hash is `weights`. Any change to the file (path, size, mtime), the
-    backend, the encoder's weights or FEATURE_CACHE_VERSION gives a new key, so a new encode."""
-    return _key(*_file_info(path), backend, weights)
-
-
-def _file_info(path):
-    """-> (real path, size, mtime_ns): what a key says about the file."""
-    real = os.path.realpath(path)
-    stat = os.stat(real)  # a missing file raises FileNotFoundError, as it always has
-    return real, stat.st_size, stat.st_mtime_ns
-
-
-def _key(real, size, mtime_ns, backend, weights):
-    raw = f"{FEATURE_CACHE_VERSION}|{real}|{size}|{mtime_ns}|{backend}|{weights}"
-    return hashlib.sha1(raw.encode()).hexdigest()
-
-
-def dataset_id(root):
-    """A readable, stable name for the store of image folder `root`: `<name>-<short hash>`."""
-    root = os.path.realpath(root)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(root))[:40] or "root"
-    return f"{name}-{hashlib.sha1(root.encode()).hexdigest()[:10]}"
-
-
-def common_folder(real_paths):
-    """The deepest folder that holds every one of `real_paths` (absolute paths)."""
-    return os.path.commonpath({os.path.dirname(p) for p in real_paths})
-
-
-def _nested(a, b):
-    """True if folder a is b, or one of them holds the other."""
-    a_, b_ = a.rstrip(os.sep) + os.sep, b.rstrip(os.sep) + os.sep
-    return a_.startswith(b_) or b_.startswith(a_)
-
-
-def _key_tensor(keys):
-    """N hex keys -> (N, 20) uint8, the form safetensors can hold."""
-    raw = b"".join(bytes.fromhex(k) for k in keys)
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(-1, KEY_BYTES)
-
-
-def _hex_keys(t):
-    """(N, 20) uint8 -> N hex keys."""
-    raw = t.numpy().tobytes()
-    return [raw[i:i + KEY_BYTES].hex() for i in range(0, len(raw), KEY_BYTES)]
-
-
-# ---------------------------------------------------------------- shards
-
-def _write_shard(folder, keys, features, files, failed=(), **info):
-    """Write one new shard to `folder`, atomically (temp file, then os.replace), 0644.
-    `files`: per key (real path, size, mtime_ns); `failed`: (key, file, error) triples;
-    `info`: strings kept in its metadata (backend, weights). -> its path."""
-    if not len(keys) == len(features) == len(files):
-        raise ValueError(f"{len(keys)} keys, {len(features)} features and {len(files)} files")
-    name = f"shard-{time.time_ns()}-{os.getpid()}-{os.urandom(4).hex()}.safetensors"  # unique per writer
-    tensors = {"keys": _key_tensor(keys), "features": features.detach().float().cpu().contiguous(),
-               "failed": _key_tensor([k for k, _, _ in failed])}
-    metadata = {"files": json.dumps([list(f) for f in files]),
-                "failed": json.dumps([[*f, err] for _, f, err in failed]), **info}
-    path = Path(folder) / name
-    tmp = path.with_name(f".{name}.tmp")  # never matched by the shard pattern, so never half-read
-    save_file(tensors, str(tmp), metadata)
-    os.chmod(tmp, 0o644)  # a server or another user's run may read the cache
-    os.replace(tmp, path)
-    return path
-
-
-def _read_shard_keys(path):
-    """-> (keys, failed keys) of a shard; raises on a damaged one."""
-    with safe_open(str(path), "pt") as f:  # checks the header against the file's length
-        keys, failed = f.get_tensor("keys"), f.get_tensor("failed")
-        features = f.get_slice("features")
-        n, _ = features.get_shape()
-        if features.get_dtype() != "F32" or tuple(keys.shape) != (n, KEY_BYTES) or failed.shape[1:] != (KEY_BYTES,):
-            raise ValueError("keys and features do not match")
-    return _hex_keys(keys), _hex_keys(failed)
-
-
-def _mapped_features(path):
-    """A shard's features (n, D) float32, memory-mapped: indexing it reads only those rows.
-    The safetensors layout: an 8-byte little-endian header size, the JSON header, the data.
-    (safe_open's get_tensor maps the file too, but indexing its tensor is ~15x slower.)"""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(size))["features"]
-    begin, _ = info["data_offsets"]
-    return np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=tuple(info["shape"]))
-
-
-def _read_rows(path, rows, out, dst):
-    """out[dst] = the shard's feature rows `rows` (sorted, so pages are read in order)."""
-    # numpy, not torch's index_put: that one runs on torch's thread pool, and is 50x slower
-    # on a machine whose cores are busy (a DataLoader, another run)
-    out.numpy()[dst] = _mapped_features(path)[rows]  # (len(rows), D)
-
-
-def _set_aside(damaged):
-    """Move damaged shards out of the way (so that every later reader does not warn again)
-    and warn once; their images count as missing and are encoded again."""
-    for path, _ in damaged:
-        try:
-            os.replace(path, path.with_name(path.name + ".damaged"))
-        except OSError:  # another process moved it first, or the cache is read-only: ignored all the same
-            pass
-    path, err = damaged[0]
-    log.warning("ignoring %d damaged feature shard(s) in %s (e.g. %s: %s); their images will be encoded again",
-                len(damaged), path.parent, path.name, err)
-
-
-class FeatureStore:
-    """The stored features of the images under folder `root`.
-
-    Writes go to root's own store. Reads also see the stores of the folders above and below
-    root: which store a photo went to depends on the photos it was encoded with (a val split
-    in coco/val2014 alone, a train split spanning coco/), and a photo's store is always one
-    of those, so it is found wherever it went. Opening reads the shards' keys only."""
-
-    def __init__(self, cache_dir, root, version=FEATURE_CACHE_VERSION):
-        self.base = Path(cache_dir) / STORE_DIR / version
-        self.root = os.path.realpath(root)
-        self.folder = self.base / dataset_id(self.root)
-        self.shards = []  # shard files read, in the order read
-        self.index = {}  # key -> (shard number, row)
-        self.failed = {}  # key -> (shard number, place in its failed list): images that cannot be decoded
-        self._bad = set()  # damaged shards that could not be moved aside
-        self.refresh()
-
-    def __len__(self):
-        return len(self.index)
-
-    def __contains__(self, key):
-        """True if `key` has a feature or is a known decoding failure."""
-        return key in self.index or key in self.failed
-
-    def _folders(self):
-        if not self.base.is_dir():
-            return []
-        found = []
-        for folder in sorted(self.base.iterdir()):
-            try:
-                other = (folder / "ROOT").read_text()
-            except OSError:
-                other = None
-            if folder == self.folder or (other and _nested(other, self.root)):
-                found.append(folder)
-        return found
-
-    def refresh(self):
-        """Read the shards written since the last look (by any process). If some shard read
-        before is gone (prune_store compacted it), start over: its rows are in a new one."""
-        present = [p for folder in self._folders() for p in sorted(folder.glob("shard-*.safetensors"))]
-        if not set(self.shards) <= set(present):
-            self.shards, self.index, self.failed = [], {}, {}
-        known = set(self.shards) | self._bad
-        damaged = []
-        for path in present:
-            if path in known:
-                continue
-            try:
-                keys, failed = _read_shard_keys(path)
-            except FileNotFoundError:  # compacted away since the listing
-                continue
-            except Exception as e:  # truncated by a crash or a full disk, or not a shard at all
-                damaged.append((path, e))
-                self._bad.add(path)
-                continue
-            self._add(path, keys, failed)
-        if damaged:
-            _set_aside(damaged)
-
-    def _add(self, path, keys, failed):
-        n = len(self.shards)
-        self.shards.append(path)
-        self.index.update((k, (n, row)) for row, k in enumerate(keys))
-        self.failed.update((k, (n, j)) for j, k in enumerate(failed))
-
-    def write(self, keys, features, files, failed=(), **info):
-        """Append one shard: `keys` (N hex strings, feature_key), `features` (N, D) float32,
-        `files` (N (real path, size, mtime_ns)); `failed`: (key, file, error) triples of
-        images that could not be decoded. Earlier shards are never touched. -> its path."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / "ROOT").is_file():  # how other stores tell whether this one overlaps them
-            tmp = self.folder / f".ROOT.{os.getpid()}.tmp"
-            tmp.write_text(self.root)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.folder / "ROOT")
-        path = _write_shard(self.folder, keys, features, files, failed, **info)
-        self._add(path, list(keys), [k for k, _, _ in failed])
-        return path
-
-    def gather(self, keys, dim):
-        """-> (features (N, dim) float32 of `keys`, zeros where one is not stored; N bools:
-        stored). Reads only the rows asked for, so memory stays near the result's size."""
-        out = torch.empty(len(keys), dim)  # every row is written below: no need to zero 600 MB first
-        found = [False] * len(keys)
-        todo = list(range(len(keys)))
-        for _ in range(2):
-            todo = self._gather_into(out, found, keys, todo)
-            if not todo:
-                break
-            self.refresh()  # a shard vanished under us: prune_store moved its rows to a new one
-        missing = [i for i, ok in enumerate(found) if not ok]
-        if missing:
-            out.numpy()[missing] = 0
-        return out, found
-
-    def _gather_into(self, out, found, keys, todo):
-        wanted = defaultdict(list)  # shard number -> [(row, place in keys)]
-        for i in todo:
-            where = self.index.get(keys[i])
-            if where is not None:
-                wanted[where[0]].append((where[1], i))
-        missed = []
-        for shard, pairs in wanted.items():
-            pairs.sort()
-            dst = [i for _, i in pairs]
-            try:
-                _read_rows(self.shards[shard], [r for r, _ in pairs], out, dst)
-            except FileNotFoundError:
-                missed += dst
-                continue
-            for i in dst:
-                found[i] = True
-        return missed
-
-    def failure(self, key):
-        """The decoding error recorded for `key`, or None."""
-        where = self.failed.get(key)
-        if where is None:
-            return None
-        try:
-            with safe_open(str(self.shards[where[0]]), "pt") as f:
-                return json.loads(f.metadata()["failed"])[where[1]][-1]
-        except (OSError, KeyError, IndexError, ValueError):
-            return "unreadable (recorded by an earlier run)"
-
-
-# ---------------------------------------------------------------- encoding and loading
-
-class _Request(NamedTuple):
-    store: FeatureStore
+class _KeyedPaths(NamedTuple):
+    """Image paths as the feature store knows them, for one encoder and backend."""
+    paths: list
+    store: FeatureStore  # the store of the folder that holds them all
     keys: list  # per path, its feature_key
     files: list  # per path, (real path, size, mtime_ns)
     backend: str  # the resolved backend name ("auto" replaced)
-    weights: str  # backends.weights_hash of the encoder
+    weights: str  # export.weights_hash of the encoder
 
 
-def _request(model, paths, device, cache_dir, backend):
-    files = [_file_info(p) for p in paths]
+def _key_paths(model, paths, device, cache_dir, backend):
+    files = [file_info(p) for p in paths]
     name = resolve_backend(backend, device)
-    weights = weights_hash(model.encoder)  # once per call (~15 ms), not per image
-    keys = [_key(*f, name, weights) for f in files]
+    weights = weights_hash(model.encoder)  # once per call, not per image: it hashes every weight
+    keys = [file_key(*f, name, weights) for f in files]
     root = common_folder([f[0] for f in files]) if files else os.getcwd()
-    return _Request(FeatureStore(cache_dir, root), keys, files, name, weights)
+    return _KeyedPaths(list(paths), FeatureStore(cache_dir, root), keys, files, name, weights)
 
 
-def _encode(req, model, paths, device, cache_dir, batch_size, num_workers, backend, part):
+def _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, part):
+    """Encode this rank's share of `keyed` that the store lacks. -> number of images encoded."""
     rank, world = part
+    paths = keyed.paths
     # This rank's share is drawn from all of `paths`, not from what is missing when it looks:
     # another rank may have stored a shard by then, and shares of different to-do lists could
     # leave images to nobody.
-    todo = [i for i in range(rank, len(paths), world) if req.keys[i] not in req.store]
+    todo = [i for i in range(rank, len(paths), world) if keyed.keys[i] not in keyed.store]
     if not todo:
         return 0
     encode = load_backend(model.encoder, backend, device, cache_dir)  # only made when something needs encoding
     log.info("encoding %d images with %s (%d already stored in %s)", len(todo), encode.name,
-             len(paths) - len(todo), req.store.folder)
+             len(paths) - len(todo), keyed.store.folder)
     keys, feats, files, failed = [], [], [], []  # not yet written
 
     def flush():
         rows = torch.cat(feats) if feats else torch.zeros(0, model.config.feature_dim)  # (N, D)
-        req.store.write(keys, rows, files, failed, backend=req.backend, weights=req.weights,
-                        version=FEATURE_CACHE_VERSION)
+        keyed.store.write(keys, rows, files, failed, backend=keyed.backend, weights=keyed.weights,
+                          version=FEATURE_CACHE_VERSION)
         for pending in (keys, feats, files, failed):
             pending.clear()
 
@@ -338,11 +71,11 @@ def _encode(req, model, paths, device, cache_dir, batch_size, num_workers, backe
     try:
         for idx, pixels, errors in loader:
             for j, err in errors.items():
-                failed.append((req.keys[todo[j]], req.files[todo[j]], err))
+                failed.append((keyed.keys[todo[j]], keyed.files[todo[j]], err))
             if pixels is not None:
                 feats.append(encode(pixels).float().cpu())  # (B, D)
-                keys.extend(req.keys[todo[j]] for j in idx)
-                files.extend(req.files[todo[j]] for j in idx)
+                keys.extend(keyed.keys[todo[j]] for j in idx)
+                files.extend(keyed.files[todo[j]] for j in idx)
                 encoded += len(idx)
             bar.update(len(idx) + len(errors))
             if len(keys) + len(failed) >= FLUSH_EVERY:
@@ -355,7 +88,7 @@ def _encode(req, model, paths, device, cache_dir, batch_size, num_workers, backe
 
 
 @torch.inference_mode()
-def encode_missing(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=64, num_workers=None,
+def encode_missing(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=BATCH_SIZE, num_workers=None,
                    backend=DEFAULT_BACKEND, part=(0, 1)):
     """Encode the images of `paths` that the store has neither a feature nor a decoding
     failure for, writing a new shard every FLUSH_EVERY images. part=(rank, world): only this
@@ -366,12 +99,12 @@ def encode_missing(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size
         raise ValueError(f"part {part}: want (rank, world) with 0 <= rank < world")
     if not paths:
         return 0
-    req = _request(model, paths, device, cache_dir, backend)
-    return _encode(req, model, paths, device, cache_dir, batch_size, num_workers, backend, part)
+    keyed = _key_paths(model, paths, device, cache_dir, backend)
+    return _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, part)
 
 
 @torch.inference_mode()
-def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=64, num_workers=None,
+def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=BATCH_SIZE, num_workers=None,
                      backend=DEFAULT_BACKEND):
     """Pooled encoder features for `paths`, computed once with the encoder `backend` and kept
     in the feature store, keyed by image file (path, size, mtime), encoder weights and version,
@@ -379,160 +112,11 @@ def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_si
     dim = model.config.feature_dim
     if not paths:
         return torch.zeros(0, dim), []
-    req = _request(model, paths, device, cache_dir, backend)
-    _encode(req, model, paths, device, cache_dir, batch_size, num_workers, backend, (0, 1))
-    features, ok = req.store.gather(req.keys, dim)
+    keyed = _key_paths(model, paths, device, cache_dir, backend)
+    _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, (0, 1))
+    features, ok = keyed.store.gather(keyed.keys, dim)
     bad = [i for i, good in enumerate(ok) if not good]
     if bad:
-        error = req.store.failure(req.keys[bad[0]]) or "not in the feature store"
+        error = keyed.store.failure(keyed.keys[bad[0]]) or "not in the feature store"
         log.warning("skipped %d unreadable images (e.g. %s: %s)", len(bad), paths[bad[0]], error)
     return features, ok
-
-
-# ---------------------------------------------------------------- upkeep
-
-def _size(path):
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0
-
-
-def _unchanged(file):
-    path, size, mtime_ns = file
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return False
-    return stat.st_size == size and stat.st_mtime_ns == mtime_ns
-
-
-def prune_store(cache_dir=DEFAULT_CACHE_DIR, compact_rows=COMPACT_ROWS):
-    """Tidy the feature cache in `cache_dir`: remove the old single-file caches
-    (features-*.safetensors) and the stores of other FEATURE_CACHE_VERSIONs; in each current
-    store drop the entries whose image file changed or is gone (and duplicates), and rewrite
-    its shards as few shards of up to `compact_rows` rows. New shards are written before the
-    old ones are deleted, so a reader or writer running meanwhile loses nothing. A store whose
-    image folder is missing altogether (an unmounted disk?) is left as it is.
-    -> summary dict (entries kept / dropped, shards before / after, bytes freed, ...)."""
-    cache_dir = Path(cache_dir)
-    summary = {"stores": 0, "kept": 0, "dropped": 0, "failed_kept": 0, "shards_before": 0, "shards_after": 0,
-               "bytes_freed": 0, "removed": [], "skipped": []}
-    base = cache_dir / STORE_DIR
-    old = sorted(cache_dir.glob("features-*.safetensors*"))  # today's single file, and its temp file
-    old += [v for v in sorted(base.iterdir()) if v.name != FEATURE_CACHE_VERSION] if base.is_dir() else []
-    for path in old:
-        summary["bytes_freed"] += _size(path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-        summary["removed"].append(str(path))
-    current = base / FEATURE_CACHE_VERSION
-    for folder in sorted(current.iterdir()) if current.is_dir() else []:
-        if folder.is_dir():
-            _prune_one(folder, compact_rows, summary)
-    return summary
-
-
-def _prune_one(folder, compact_rows, summary):
-    root = (folder / "ROOT").read_text() if (folder / "ROOT").is_file() else None
-    if root and not os.path.isdir(root):
-        log.warning("%s: its image folder %s is missing; left as it is", folder, root)
-        summary["skipped"].append(str(folder))
-        return
-    before = _size(folder)
-    now = time.time()
-    for junk in [*folder.glob("*.damaged"), *folder.glob(".*.tmp")]:  # set aside; left by writers that died
-        if junk.suffix == ".damaged" or now - junk.stat().st_mtime > STALE_TMP_S:
-            junk.unlink(missing_ok=True)
-    shards = sorted(folder.glob("shard-*.safetensors"))
-    kept = defaultdict(list)  # (backend, weights) -> [(shard, row, key, file)]
-    failed = defaultdict(list)  # (backend, weights) -> [(key, file, error)]
-    seen, read, dropped, dim = set(), [], 0, None
-    for shard in shards:
-        try:
-            with safe_open(str(shard), "pt") as f:
-                meta = f.metadata()
-                keys, bad = _hex_keys(f.get_tensor("keys")), _hex_keys(f.get_tensor("failed"))
-                dim = f.get_slice("features").get_shape()[1]
-            files, bad_files = json.loads(meta["files"]), json.loads(meta["failed"])
-        except FileNotFoundError:
-            continue
-        except Exception as e:  # damaged: nothing in it can be used
-            log.warning("%s: damaged (%s); removed", shard, e)
-            shard.unlink(missing_ok=True)
-            continue
-        read.append(shard)
-        group = (meta.get("backend", ""), meta.get("weights", ""))
-        for row, (key, file) in enumerate(zip(keys, files, strict=True)):
-            if key in seen or not _unchanged(file):
-                dropped += 1
-                continue
-            seen.add(key)
-            kept[group].append((shard, row, key, file))
-        for key, (*file, err) in zip(bad, bad_files, strict=True):
-            if key in seen or not _unchanged(file):
-                dropped += 1
-                continue
-            seen.add(key)
-            failed[group].append((key, tuple(file), err))
-    groups = set(kept) | set(failed)
-    needed = sum(max(1, -(-len(kept[g]) // compact_rows)) for g in groups)
-    if dropped or len(read) > needed:
-        written = []
-        for group in sorted(groups):
-            entries = kept[group]
-            for start in range(0, max(len(entries), 1), compact_rows):
-                chunk = entries[start:start + compact_rows]
-                rows = torch.empty(len(chunk), dim)  # (n, D), filled shard by shard
-                by_shard = defaultdict(list)
-                for j, (shard, row, _, _) in enumerate(chunk):
-                    by_shard[shard].append((row, j))
-                for shard, pairs in by_shard.items():
-                    _read_rows(shard, [r for r, _ in pairs], rows, [j for _, j in pairs])
-                written.append(_write_shard(folder, [e[2] for e in chunk], rows, [e[3] for e in chunk],
-                                            failed[group] if start == 0 else (), backend=group[0],
-                                            weights=group[1], version=FEATURE_CACHE_VERSION))
-        for shard in read:  # only now: until here every entry is in an old shard or a new one
-            shard.unlink(missing_ok=True)
-        after = len(written)
-    else:
-        after = len(read)
-    if not seen and not any(folder.glob("shard-*.safetensors")) and not any(folder.glob(".*.tmp")):
-        shutil.rmtree(folder, ignore_errors=True)  # nothing left (and no writer at work)
-    summary["stores"] += 1
-    summary["kept"] += len(seen) - sum(len(v) for v in failed.values())
-    summary["failed_kept"] += sum(len(v) for v in failed.values())
-    summary["dropped"] += dropped
-    summary["shards_before"] += len(shards)
-    summary["shards_after"] += after
-    summary["bytes_freed"] += before - (_size(folder) if folder.exists() else 0)
-
-
-def store_info(cache_dir=DEFAULT_CACHE_DIR):
-    """What the feature cache in `cache_dir` holds, from the shards' headers only: a list
-    of {version, store, root, shards, entries, failed, bytes}; today's single-file caches
-    appear with store "(single file)"."""
-    cache_dir = Path(cache_dir)
-    rows = [{"version": p.name[len("features-"):-len(".safetensors")], "store": "(single file)", "root": str(p),
-             "shards": 1, "entries": None, "failed": None, "bytes": _size(p)}
-            for p in sorted(cache_dir.glob("features-*.safetensors"))]
-    base = cache_dir / STORE_DIR
-    for folder in sorted(base.glob("*/*")) if base.is_dir() else []:
-        if not folder.is_dir():
-            continue
-        entries = failed = shards = 0
-        for shard in sorted(folder.glob("shard-*.safetensors")):
-            try:
-                with safe_open(str(shard), "pt") as f:
-                    entries += f.get_slice("keys").get_shape()[0]
-                    failed += f.get_slice("failed").get_shape()[0]
-                shards += 1
-            except Exception:  # damaged: counted by prune, not here
-                pass
-        root = folder / "ROOT"
-        rows.append({"version": folder.parent.name, "store": folder.name,
-                     "root": root.read_text() if root.is_file() else "?", "shards": shards, "entries": entries,
-                     "failed": failed, "bytes": _size(folder)})
-    return rows

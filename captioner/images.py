@@ -13,8 +13,8 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .backends import decoding_workers
 from .encoder import IMAGE_SIZE, MEAN, STD
+from .machine import decoding_workers
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # The only decoders Pillow may use. Others are a needless attack surface: EPS, for one, is
@@ -68,7 +68,7 @@ def load_image(source, max_pixels=MAX_PIXELS):
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
         if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-            # DCT-domain downscaling: decodes a 12 MP photo several times faster.
+            # DCT-domain downscaling: far less work than decoding every pixel of a big photo.
             img.draft(img.mode, (IMAGE_SIZE, IMAGE_SIZE))
         img.load()
         img = _shrink(img)

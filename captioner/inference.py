@@ -7,11 +7,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .backends import DEFAULT_BACKEND, load_backend, pipeline_threads, resolve_backend
+from .backends import load_backend, resolve_backend
 from .checkpoint import load_model
 from .images import image_loader, load_image, preprocess
+from .machine import pipeline_threads
 from .model import beam_search, greedy_search
-from .options import DecodeOptions
+from .options import DEFAULT_BACKEND, DecodeOptions
+
 
 def _default_weights():
     """The shipped model: inside the installed package (a wheel), else weights/ of the source tree."""
@@ -21,8 +23,8 @@ def _default_weights():
 
 
 DEFAULT_WEIGHTS = _default_weights()
-# Images per encoder call: the activations of one call grow with it (a --batch-size 1024 of
-# small photos once peaked at 13 GB); past 64 a CPU gains no speed.
+# Images per encoder call, whatever the batch size asked for: the activations of one call
+# grow with it, and past this a CPU gains no speed.
 MAX_ENCODER_BATCH = 64
 
 
@@ -96,7 +98,7 @@ class Captioner:
 
     def __init__(self, model, vocab, device="cpu", info=None, backend=DEFAULT_BACKEND, cache_dir=None,
                  threads=None):
-        """`backend` runs the encoder (backends.BACKENDS; "auto" picks the fastest one that
+        """`backend` runs the encoder (options.BACKENDS; "auto" picks the fastest one that
         captions as well as torch fp32 on this machine); `cache_dir` holds exported ONNX
         files; `threads` caps the encoder's threads (default: the cores this process has)."""
         self.device = resolve_device(device)
@@ -186,7 +188,7 @@ class Captioner:
 def file_captioner(weights=None, device="auto", backend=DEFAULT_BACKEND):
     """A Captioner set up for `caption_files` on this machine (the CLI, evaluation and the
     folder benchmark use it): on a CPU, threads for the encoder and the beam-search thread,
-    which run at the same time, as backends.pipeline_threads measured best."""
+    which run at the same time, as machine.pipeline_threads shares the cores."""
     device = resolve_device(device)
     threads = None
     if device.type == "cpu":

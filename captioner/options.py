@@ -1,35 +1,17 @@
-"""Decoding options: the one place where each option's default and limits live. The
-library, the CLI, the server and the trainer's validation all build a `DecodeOptions`,
-so they accept the same values and reject the same mistakes. The encoder backends'
-names and default live here too (backends.py runs them).
+"""Settings: the one place where each setting's default, limits and help live.
+
+`DecodeOptions` (how captions are decoded) is built by the library, the CLI, the server
+and the trainer's validation, so they accept the same values and reject the same
+mistakes; `TrainConfig` holds every setting of `captioner train` and `EvalConfig` what
+`captioner evaluate` scores. The CLI generates one flag per field from its metadata
+(`setting`). The encoder backends' names and default live here too (backends.py runs them).
 
 Kept free of torch so that `captioner --help` can read the limits without loading it.
 """
 import dataclasses
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
-
-def available_cores():
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a
-    container started with --cpus 2 on a 64-core host has 2)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, round(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
-
-
-# Server worker processes when none are asked for: one per core up to 4. Each holds the
-# model (~0.5 GB) and cores / workers threads; on 2 cores, 2 workers serve 34 images/s and
-# 1 worker 23 (benchmarks/serve.py).
-def default_server_workers():
-    return min(4, available_cores())
-
 
 # How the encoder runs (backends.py): "auto" picks the fastest backend that captions as
 # well as torch fp32 on this machine.
@@ -37,28 +19,41 @@ BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
 DEFAULT_BACKEND = "auto"
 
 
+def setting(default, help=None, *, limits=None, open_limits=(False, False), choices=None, path=None,
+            required=False, changeable=False, flag=None):
+    """A settings field: its default and the rules the CLI's flag, the checks and --resume
+    read. `limits` (low, high; None for no bound, `open_limits` excludes an end), `choices`,
+    `path` ("file", "dir" or "any": must exist; "out": a folder, made if missing),
+    `required`: the flag must be given, `changeable`: may differ when a run is resumed,
+    `flag`: the click flag declaration where it is not the plain --name."""
+    meta = {"help": help, "limits": limits, "open_limits": open_limits, "choices": choices, "path": path,
+            "required": required, "changeable": changeable, "flag": flag}
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    beam_size: int = 3  # 1 is greedy decoding (when no concept is forced)
-    n_best: int = 1  # candidates returned per image, best first (<= beam_size)
-    max_length: int = 20  # words per caption
-    length_alpha: float = 0.7  # candidates are ranked by log-prob / length**alpha; chosen on Flickr8k dev
-    grounding: bool = True  # make the caption name the objects the encoder's classifier is sure of
+    """How captions are decoded. `LIMITS`: (lowest, highest) of each numeric option, read
+    from the fields; the server, CLI and library enforce these."""
+    beam_size: int = setting(3, limits=(1, 10))  # 1 is greedy decoding (when no concept is forced)
+    # Candidates returned per image, best first (at most beam_size).
+    n_best: int = setting(1, "Also list this many candidates per image (jsonl only shows them).", limits=(1, 5))
+    max_length: int = setting(20, "Words per caption.", limits=(1, 50))
+    # Candidates are ranked by log-prob / length**alpha; alpha chosen on Flickr8k dev.
+    length_alpha: float = setting(0.7, "Rank candidates by log-prob / length**alpha.", limits=(0.0, 2.0))
+    grounding: bool = setting(True, "Make the caption name the objects the encoder's classifier is sure of.",
+                              flag="--grounding/--no-grounding")
     # A concept (e.g. "cat": the sum of the ImageNet classes that map to it) is reported as
     # an object at this probability, and forced into the caption when grounding is on.
     # Chosen on the dev sets (coco-dev, imagenet-sample, Flickr8k dev): see the model card.
-    concept_threshold: float = 0.3
-    max_concepts: int = 1  # at most this many objects are forced into one caption (the surest first)
+    concept_threshold: float = setting(0.3, "Probability at which a concept is reported as an object (and forced "
+                                            "into the caption with grounding).", limits=(0.05, 1.0))
+    # The surest objects are forced first.
+    max_concepts: int = setting(1, "At most this many objects forced into one caption.", limits=(0, 2))
 
-    # (lowest, highest) of each numeric option. The server, CLI and library enforce these.
-    LIMITS: ClassVar[dict] = {
-        "beam_size": (1, 10),
-        "n_best": (1, 5),
-        "max_length": (1, 50),
-        "length_alpha": (0.0, 2.0),
-        "concept_threshold": (0.05, 1.0),
-        "max_concepts": (0, 2),
-    }
+    LIMITS: ClassVar[dict]  # set below the class, from the fields
 
     def __post_init__(self):
         for f in fields(self):
@@ -108,32 +103,28 @@ class DecodeOptions:
         return asdict(self)
 
 
+DecodeOptions.LIMITS = {f.name: f.metadata["limits"] for f in fields(DecodeOptions) if f.metadata["limits"]}
+
 # Dataset layouts `captioner train` and `evaluate` read (data.read_dataset).
 DATA_FORMATS = ("auto", "flickr8k", "karpathy", "coco", "csv", "jsonl", "folder")
-
-
-def setting(default, help=None, *, limits=None, open_limits=(False, False), choices=None, path=None,
-            changeable=False, flag=None):
-    """A TrainConfig field: its default and the rules the CLI, the trainer and --resume read.
-    `limits` (low, high; None for no bound, `open_limits` excludes an end), `choices`, `path`
-    ("file", "dir" or "any": must exist), `changeable`: may differ when a run is resumed,
-    `flag`: the click flag declaration where it is not the plain --name."""
-    meta = {"help": help, "limits": limits, "open_limits": open_limits, "choices": choices, "path": path,
-            "changeable": changeable, "flag": flag}
-    if isinstance(default, (list, tuple)):
-        return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+# Share of a dataset's images held out for validation when its layout has no split
+# (data.assign_split); `train --val-fraction` and `evaluate --val-fraction` default to it.
+VAL_FRACTION = 0.1
+# Image-decoding worker processes a command may ask for (--workers); none asked for:
+# machine.decoding_workers.
+WORKERS_LIMITS = (0, 64)
+SPLIT_FILE_HELP = "Splits by image file name: a Karpathy json (dataset_coco.json) or a list of validation images."
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of `captioner train`, its default and limits, in one place. The CLI's
-    flags are generated from these fields (cli.train_flags); a run stores its config in
+    flags are generated from these fields (cli.config_flags); a run stores its config in
     train_state.pt and in every checkpoint, and --resume refuses to change a setting that is
     not `changeable`."""
     data: str = setting(None, "Dataset: a Flickr8k folder, Karpathy or COCO json, CSV/JSONL (image,caption), "
-                              "or a folder of images with .txt captions.", path="any")
-    out: str = setting(None, "Run folder.", changeable=True)  # a run folder may be moved
+                              "or a folder of images with .txt captions.", path="any", required=True)
+    out: str = setting(None, "Run folder.", path="out", required=True, changeable=True)  # a run folder may be moved
     format: str = setting("auto", choices=DATA_FORMATS)
     images: str = setting(None, "Image folder, where the layout does not fix it (default: beside the data file).",
                           path="dir")
@@ -171,46 +162,23 @@ class TrainConfig:
                             changeable=True)
     select_metric: str = setting("CIDEr", choices=("CIDEr", "BLEU-4"))
     clip_grad: float = setting(5.0, limits=(0, None), open_limits=(True, False))
-    val_fraction: float = setting(0.1, "Share of images held out for validation when the data has no split.",
+    val_fraction: float = setting(VAL_FRACTION, "Share of images held out for validation when the data has no split.",
                                   limits=(0, 1), open_limits=(False, True))
-    split_file: str = setting(None, "Splits by image file name: a Karpathy json (dataset_coco.json) or a list of "
-                                    "validation images.", path="file")
+    split_file: str = setting(None, SPLIT_FILE_HELP, path="file")
     seed: int = setting(0)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK).",
                           changeable=True)
-    workers: int = setting(None, "Image-decoding worker processes.", limits=(0, 64), changeable=True)
+    workers: int = setting(None, "Image-decoding worker processes.", limits=WORKERS_LIMITS, changeable=True)
     amp: bool = setting(True, "Mixed precision on CUDA.", flag="--amp/--no-amp", changeable=True)
     fine_tune_encoder: bool = setting(False, "Train the CNN too (slow on a CPU).", flag="--fine-tune-encoder")
     init_from: str = setting(None, "Start from a trained model ('default' for the shipped one): its architecture "
                                    "and vocabulary, extended with the new data's words.")
     cache_dir: str = setting(None, "Where image features are stored (default: ~/.cache/captioner or "
-                                   "$CAPTIONER_CACHE).", changeable=True)
+                                   "$CAPTIONER_CACHE).", path="out", changeable=True)
     backend: str = setting(DEFAULT_BACKEND, "How the encoder computes the stored features.", choices=BACKENDS)
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            meta = f.metadata
-            if f.name in ("data", "out") and not value:
-                raise ValueError(f"--{f.name} is required")
-            if value is None or f.name == "decode":
-                continue
-            if isinstance(value, Path):  # paths are kept as text, so that the config is JSON
-                object.__setattr__(self, f.name, str(value))
-            if f.name == "text_data":
-                object.__setattr__(self, f.name, tuple(str(p) for p in value))
-            if meta.get("choices") and value not in meta["choices"]:
-                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(meta['choices'])}, not {value!r}")
-            if meta.get("limits"):
-                low, high = meta["limits"]
-                low_open, high_open = meta["open_limits"]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                        (f.type in (int, "int") and value != int(value)):
-                    raise ValueError(f"--{_flag(f.name)} must be a number, not {value!r}")
-                if (low is not None and (value < low or (low_open and value == low))) or \
-                        (high is not None and (value > high or (high_open and value == high))):
-                    raise ValueError(f"--{_flag(f.name)} must be in {'(' if low_open else '['}{low}, "
-                                     f"{high if high is not None else 'inf'}{')' if high_open else ']'}, not {value}")
+        check_settings(self)
         decode = DecodeOptions(**self.decode) if isinstance(self.decode, dict) else self.decode
         # One caption per validation image, as long as the training captions may be.
         object.__setattr__(self, "decode", decode.replace(n_best=1, max_length=self.max_caption_length))
@@ -240,6 +208,57 @@ class TrainConfig:
             elif old != new:
                 changed.append(f"--{_flag(f.name)} was {old!r}, now {new!r}")
         return changed
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `captioner evaluate` scores: one split of a dataset, read as data.read_dataset
+    reads it, captioned `batch_size` images at a time. The CLI's flags are generated from
+    these fields (a training run's stored TrainConfig fills the data ones with --run)."""
+    data: str = setting(None, path="any")
+    format: str = setting("auto", choices=DATA_FORMATS)
+    images: str = setting(None, path="dir")
+    split: str = setting("test", "Which images to score; all = every image of the data (a set kept for evaluation).",
+                         choices=("train", "val", "dev", "test", "all"))
+    batch_size: int = setting(64, limits=(1, None))
+    val_fraction: float = setting(VAL_FRACTION, limits=(0, 1), open_limits=(False, True))
+    split_file: str = setting(None, SPLIT_FILE_HELP, path="file")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+def check_settings(config):
+    """Raise ValueError, naming the flag, for a field of `config` (a TrainConfig or
+    EvalConfig) that is required but empty, not one of its choices or outside its limits.
+    Paths are kept as text, so that the config is JSON."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        meta = f.metadata
+        if meta.get("required") and not value:
+            raise ValueError(f"--{_flag(f.name)} is required")
+        if value is None:
+            continue
+        if isinstance(value, Path):
+            object.__setattr__(config, f.name, str(value))
+        if meta.get("path") and isinstance(value, (list, tuple)):
+            object.__setattr__(config, f.name, tuple(str(p) for p in value))
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(meta['choices'])}, not {value!r}")
+        if meta.get("limits"):
+            _check_limits(f, value)
+
+
+def _check_limits(f, value):
+    low, high = f.metadata["limits"]
+    low_open, high_open = f.metadata["open_limits"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (f.type in (int, "int") and value != int(value)):
+        raise ValueError(f"--{_flag(f.name)} must be a number, not {value!r}")
+    if (low is not None and (value < low or (low_open and value == low))) or \
+            (high is not None and (value > high or (high_open and value == high))):
+        raise ValueError(f"--{_flag(f.name)} must be in {'(' if low_open else '['}{low}, "
+                         f"{high if high is not None else 'inf'}{')' if high_open else ']'}, not {value}")
 
 
 def _flag(name):

@@ -1,20 +1,20 @@
-"""Training: `captioner train`. Shaped like torchvision's reference scripts: `load_data`,
-`train_one_epoch`, `evaluate`, run-state save and load, and a short main loop (`train`)
-that checkpoints, resumes and logs. Every setting and its default lives in
-`options.TrainConfig`.
+"""Training: `captioner train`. Shaped like torchvision's reference scripts: `load_data`
+(train_data.py), `train_one_epoch`, `evaluate`, the run state (run_state.py) and a short
+main loop (`train`) that checkpoints, resumes and logs. Every setting and its default lives
+in `options.TrainConfig`.
 
 Recipe: teacher forcing with cross-entropy that ignores padding (with label smoothing),
-Adam, gradient-norm clipping, cosine learning-rate decay, and early stopping on the
-validation CIDEr of beam-decoded captions. With the encoder frozen (the default), image
+Adam, gradient-norm clipping, cosine learning-rate decay to LR_FLOOR, and early stopping on
+the validation CIDEr of beam-decoded captions. With the encoder frozen (the default), image
 features are computed once and kept in the feature store (features.py), so an epoch on a
 CPU is a decoder-only pass; --fine-tune-encoder runs images through the encoder at every
 step instead.
 
 Several processes (`torchrun --nproc_per_node N -m captioner train ...`): one per GPU (or
 CPU processes with gloo), DistributedDataParallel over the trained weights, each process
-taking its share of every global batch (DistributedSampler) and of the images to encode
-and to decode for validation; process 0 writes checkpoints, logs and metrics, and every
-process resumes from the same train_state.pt.
+taking its share of every global batch and of the images to encode and to decode for
+validation; process 0 writes checkpoints, logs and metrics, and every process resumes from
+the same train_state.pt.
 
 Open-world captions (`--text-data`): captions without images (COCO's caption text) are
 trained alongside the image-caption pairs, so the decoder learns words and sentences that
@@ -37,24 +37,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from .backends import DEFAULT_CACHE_DIR
+from . import run_state
 from .checkpoint import read_checkpoint, save_checkpoint
-from .concepts import ConceptMap, shipped_concepts
-from .data import Record, read_dataset, read_text_captions
-from .features import compute_features, encode_missing
-from .images import ImageError, image_loader, load_image, train_transform
+from .concepts import shipped_concepts
 from .inference import DEFAULT_WEIGHTS, decode_features, resolve_device
 from .metrics import score_captions
 from .model import CaptionModel, ModelConfig
-from .options import TrainConfig
-from .vocab import PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocabulary
+from .train_data import load_data, read_training_records, tokenize_captions
+from .vocab import PAD_ID, SPECIAL_TOKENS, Vocabulary
 
 log = logging.getLogger(__name__)
+LR_FLOOR = 0.05  # the cosine schedule ends at this share of each base learning rate
 SAMPLE_CAPTIONS = 5  # validation captions kept in each metrics.jsonl row, to read how the model talks
-MIN_VAL_IMAGES = 20  # fewer, and the validation CIDEr that picks checkpoints is mostly noise
 
 
 # ---------------------------------------------------------------- processes
@@ -109,218 +105,15 @@ def init_processes(device_name):
     return Processes(dist.get_rank(), dist.get_world_size()), device
 
 
-# ---------------------------------------------------------------- data
-
-def read_records(config):
-    """The training and validation records and the text-only captions, refused up front
-    when they cannot make a run. -> (train records, val records, text captions)."""
-    records = read_dataset(config.data, config.format, config.images, val_fraction=config.val_fraction,
-                           split_file=config.split_file)
-    text_captions = [c for path in config.text_data for c in read_text_captions(path)]
-    train_set = [r for r in records if r.split == "train"]
-    val_set = [r for r in records if r.split == "val"]
-    if not train_set:
-        raise ValueError(f"{config.data}: no training images")
-    if not val_set:
-        raise ValueError(f"{config.data}: no validation images (need a val/dev split, or two or more images)")
-    if len(val_set) < MIN_VAL_IMAGES:
-        log.warning("only %d validation image(s): their CIDEr is too noisy to choose the best epoch or to stop "
-                    "early on; give more (--val-fraction, or a val split with %d+ images)", len(val_set),
-                    MIN_VAL_IMAGES)
-    return train_set, val_set, text_captions
-
-
-def encode_captions(records, vocab, max_length):
-    """-> (image index per caption, padded (N, max_length+2) token tensor)."""
-    image_idx, rows = [], []
-    for i, r in enumerate(records):
-        for c in r.captions:
-            ids = vocab.encode(c, max_length)
-            if len(ids) > 2:  # a caption with no word is no training signal
-                image_idx.append(i)
-                rows.append(ids)
-    tokens = torch.full((len(rows), max_length + 2), PAD_ID, dtype=torch.long)
-    for j, ids in enumerate(rows):
-        tokens[j, :len(ids)] = torch.tensor(ids)
-    return torch.tensor(image_idx, dtype=torch.long), tokens
-
-
-def text_concept_lists(concepts, tokens, vocab):
-    """Per text-only caption (a row of token ids), the concepts its words name."""
-    return [concepts.in_text([vocab.itos[i] for i in row if i > UNK_ID]) for row in tokens.tolist()]
-
-
-def noisy_concepts(lists, num_concepts, generator=None):
-    """Concept vectors (N, C) for text-only captions, drawn to look like the classifier's
-    output on a photo of the scene: a named concept gets p ~ U(0.3, 1) and is missed 15%
-    of the time; half the rows get a distractor at p ~ U(0, 0.25)."""
-    n = len(lists)
-    out = torch.zeros(n, num_concepts)
-    rows = [i for i, cs in enumerate(lists) for _ in cs]
-    cols = [c for cs in lists for c in cs]
-    if rows:
-        p = 0.3 + 0.7 * torch.rand(len(rows), generator=generator)
-        p = p * (torch.rand(len(rows), generator=generator) >= 0.15)
-        out[rows, cols] = p
-    distract = (torch.rand(n, generator=generator) < 0.5).nonzero().flatten()
-    if len(distract):
-        cols = torch.randint(num_concepts, (len(distract),), generator=generator)
-        out[distract, cols] = torch.maximum(out[distract, cols], 0.25 * torch.rand(len(distract), generator=generator))
-    return out
-
-
-class PairsWithImages(torch.utils.data.Dataset):
-    """(augmented pixels, caption tokens) pairs, for training with the encoder in the loop."""
-
-    def __init__(self, paths, image_idx, tokens):
-        self.paths, self.image_idx, self.tokens = paths, image_idx, tokens
-
-    def __len__(self):
-        return len(self.image_idx)
-
-    def __getitem__(self, j):
-        try:
-            pixels = train_transform(load_image(self.paths[self.image_idx[j]]))
-        except ImageError:
-            return None  # dropped by the collate function; counted in the epoch log
-        return pixels, self.tokens[j]
-
-
-def _collate_pairs(items):
-    good = [x for x in items if x is not None]
-    if not good:
-        return None, None, None, len(items)
-    return torch.stack([p for p, _ in good]), None, torch.stack([t for _, t in good]), len(items) - len(good)
-
-
-@dataclass
-class TrainData:
-    """What an epoch trains and validates on. `batches(epoch)` yields this process's
-    (inputs, concepts or None, tokens, images skipped) batches; `validation()` gives this
-    process's share of the validation images as (features on the model's device, records)."""
-    batches: callable
-    steps: int  # batches per epoch in each process
-    captions: int  # captions per epoch, all processes together
-    validation: callable
-    references: dict  # {image path: reference captions} of every validation image
-
-
-def load_data(config, model, vocab, train_set, val_set, text_captions, device, procs):
-    """Turn the records into batches on `device`: cached features (encoded once, each
-    process its share) or, with --fine-tune-encoder, a DataLoader of augmented images."""
-    batch_size, seed = config.batch_size, config.seed
-    train_idx, train_tokens = encode_captions(train_set, vocab, config.max_caption_length)
-    train_paths = [r.image for r in train_set]
-
-    def sampler(n, epoch):
-        # The same shuffle in every process (seed + epoch), each taking its share, padded so
-        # that all take the same number of steps (DDP needs that).
-        s = DistributedSampler(range(n), num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=seed)
-        s.set_epoch(epoch)
-        return s
-
-    if config.fine_tune_encoder:
-        pairs = PairsWithImages(train_paths, train_idx.tolist(), train_tokens)
-        workers = min(4, os.cpu_count() or 1) if config.workers is None else config.workers
-
-        def batches(epoch):
-            return torch.utils.data.DataLoader(pairs, batch_size=batch_size, sampler=sampler(len(pairs), epoch),
-                                               num_workers=workers, collate_fn=_collate_pairs,
-                                               pin_memory=device.type == "cuda")
-
-        def validation():
-            return encode_records(model, procs.share(val_set), device, config.workers)
-
-        steps = math.ceil(math.ceil(len(pairs) / procs.world) / batch_size)
-        return TrainData(batches, steps, len(pairs), validation, {str(r.image): r.captions for r in val_set})
-
-    cache_dir = config.cache_dir or DEFAULT_CACHE_DIR
-    all_paths = train_paths + [r.image for r in val_set]
-    if procs.world > 1:  # each process encodes its share of what the store lacks; then every one reads all
-        encode_missing(model, all_paths, device, cache_dir, num_workers=config.workers, backend=config.backend,
-                       part=(procs.rank, procs.world))
-        procs.barrier()
-    features, ok = compute_features(model, all_paths, device, cache_dir, num_workers=config.workers,
-                                    backend=config.backend)
-    train_features, val_features = features[:len(train_paths)], features[len(train_paths):]
-    train_ok, val_ok = ok[:len(train_paths)], ok[len(train_paths):]
-    keep = torch.tensor(train_ok)[train_idx]
-    train_idx, train_tokens = train_idx[keep], train_tokens[keep]
-    if len(train_idx) == 0:
-        raise ValueError(f"{config.data}: no usable training captions")
-    val_set = [r for r, good in zip(val_set, val_ok, strict=True) if good]
-    val_features = val_features[torch.tensor(val_ok)]
-    references = {str(r.image): r.captions for r in val_set}
-    val_share = (procs.share(val_features).to(device), procs.share(val_set))  # decoded by the model, on its device
-
-    train_features = train_features.to(device)
-    with torch.inference_mode():
-        train_concepts = model.decoder_concepts(model.classify_features(train_features))
-    # Text-only captions join the pairs with image index -1: no feature, concepts from their words.
-    text_tokens = encode_captions([Record(Path(), text_captions)], vocab, config.max_caption_length)[1] \
-        if text_captions else torch.empty(0, config.max_caption_length + 2, dtype=torch.long)
-    num_concepts, feature_dim = model.config.num_concepts, model.config.feature_dim
-    text_concepts = text_concept_lists(model.concepts, text_tokens, vocab) if num_concepts else []
-    n_pairs, n_text = len(train_idx), len(text_tokens)  # rows before n_pairs are photo captions, the rest text
-    n_drawn = round(n_text * config.text_sample)
-    train_idx = torch.cat([train_idx, torch.full((n_text,), -1, dtype=torch.long)])
-    train_tokens = torch.cat([train_tokens, text_tokens])
-
-    def batches(epoch):
-        # Every pair and a fresh draw of `text_sample` of the text-only captions (the same
-        # draw in every process), shuffled; this process's share of each global batch.
-        drawn = torch.randperm(n_text, generator=torch.Generator().manual_seed(seed + epoch))[:n_drawn] + n_pairs
-        rows = torch.cat([torch.arange(n_pairs), drawn])
-        order = rows[torch.tensor(list(sampler(len(rows), epoch)), dtype=torch.long)]
-        for s in range(0, len(order), batch_size):
-            j = order[s:s + batch_size]
-            idx = train_idx[j]
-            photo = idx >= 0
-            # (b, feature_dim): a photo's feature, zeros for text, some photos' dropped
-            keep = photo & (torch.rand(len(j)) >= config.feature_dropout)
-            feats = torch.zeros(len(j), feature_dim, device=device)
-            feats[keep.to(device)] = train_features[idx[keep].to(device)]
-            conc = None
-            if num_concepts:
-                conc = torch.zeros(len(j), num_concepts, device=device)
-                conc[photo.to(device)] = train_concepts[idx[photo].to(device)]
-                text_rows = (~photo).nonzero().flatten()
-                if len(text_rows):
-                    conc[text_rows.to(device)] = noisy_concepts(
-                        [text_concepts[int(j[r]) - n_pairs] for r in text_rows], num_concepts).to(device)
-            yield feats, conc, train_tokens[j], 0
-
-    rows_per_epoch = n_pairs + n_drawn
-    steps = math.ceil(math.ceil(rows_per_epoch / procs.world) / batch_size)
-    return TrainData(batches, steps, rows_per_epoch, lambda: val_share, references)
-
-
-def encode_records(model, records, device, num_workers):
-    """Features of the records' images with the current (fine-tuned) encoder.
-    -> (features, the records whose image could be read)."""
-    feats, kept = [], []
-    model.eval()
-    with torch.inference_mode():
-        for idx, pixels, _ in image_loader([r.image for r in records], num_workers=num_workers,
-                                           pin_memory=device.type == "cuda"):
-            if pixels is not None:
-                feats.append(model.encode_images(pixels.to(device)))
-                kept.extend(records[i] for i in idx)
-    if not kept and records:
-        raise ValueError("no readable validation images")
-    dim = model.config.feature_dim
-    return (torch.cat(feats) if feats else torch.zeros(0, dim, device=device)), kept
-
-
 # ---------------------------------------------------------------- model
 
 def build_model(config, train_set, text_captions, state, device):
-    """The model and vocabulary a run trains: from its saved state when resuming, from
+    """The model and vocabulary a run trains: from its saved RunState when resuming, from
     --init-from (its architecture and words, this data's new words appended), or new."""
     source = DEFAULT_WEIGHTS if config.init_from == "default" else config.init_from
     init = None if state or not source else read_checkpoint(source)
     if state:
-        vocab = Vocabulary.from_json(state["vocab"])
+        vocab = state.vocab
     else:
         vocab = Vocabulary.build([c for r in train_set for c in r.captions] + text_captions, config.min_word_count)
         if init:  # the trained words keep their ids; this data's new words are appended
@@ -330,8 +123,7 @@ def build_model(config, train_set, text_captions, state, device):
                          f"in the training captions, so the vocabulary would be empty; lower --min-word-count or add "
                          f"captions")
     if state:
-        concept_map = ConceptMap.from_json(state["concepts"]) if "concepts" in state else shipped_concepts()
-        model_config = ModelConfig(**json.loads(state["model_config"]))
+        concept_map, model_config = state.concepts, state.model_config
     elif init:
         concept_map, model_config = init[2], dataclasses.replace(init[0], vocab_size=len(vocab))
     else:
@@ -415,9 +207,10 @@ def batch_to_device(inputs, concepts, tokens, device):
     return inputs.to(device, non_blocking=True), concepts, tokens
 
 
-def train_one_epoch(model, step, optimizer, scaler, batches, device, config, desc, steps, show=True):
-    """One pass over `batches` with `step` (TrainStep, DDP-wrapped under torchrun).
-    -> (mean loss of this process, captions, images skipped)."""
+def train_one_epoch(model, step, optimizer, scaler, batches, device, epoch, config, show=True):
+    """One pass over `batches` (train_data's FeatureBatches or ImageBatches) with `step`
+    (TrainStep, DDP-wrapped under torchrun). -> (mean loss of this process, captions, images
+    skipped)."""
     model.train()
     if not model.encoder_tuned:
         model.encoder.eval()
@@ -428,7 +221,8 @@ def train_one_epoch(model, step, optimizer, scaler, batches, device, config, des
                 m.eval()
     dtype = amp_dtype(device, config.amp)
     total, count, skipped = 0.0, 0, 0
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, total=steps, disable=not show)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, total=len(batches),
+               disable=not show)
     for inputs, concepts, tokens, n_skipped in bar:
         skipped += n_skipped
         if inputs is None:
@@ -454,7 +248,7 @@ def validation_loss(model, vocab, features, records, max_length, label_smoothing
     """Teacher-forced loss on the validation images' reference captions (the training loss's
     twin: a gap between them that grows means over-fitting). -> (summed loss tensor, captions)."""
     model.eval()
-    index, tokens = encode_captions(records, vocab, max_length)
+    index, tokens = tokenize_captions(records, vocab, max_length)
     total, count = torch.zeros((), device=features.device), 0
     for s in range(0, len(tokens), batch_size):
         feats = features[index[s:s + batch_size].to(features.device)]
@@ -467,10 +261,12 @@ def validation_loss(model, vocab, features, records, max_length, label_smoothing
 
 
 @torch.inference_mode()
-def evaluate(model, vocab, features, records, references, config, procs, batch_size=250):
-    """Decode this process's validation images as users get them (config.decode: grounding
-    included), gather every process's captions and score them against all references.
-    -> (scores, {image path: caption}, validation loss); the same in every process."""
+def evaluate(model, vocab, validation, device, config, procs, batch_size=250):
+    """Decode this process's validation images (train_data.Validation) as users get them
+    (config.decode: grounding included), gather every process's captions and score them
+    against all references. -> (scores, {image path: caption}, validation loss); the same
+    in every process."""
+    features, records = validation.encoded(model, device)
     model.eval()
     predictions = {}
     for start in range(0, len(records), batch_size):
@@ -482,114 +278,11 @@ def evaluate(model, vocab, features, records, references, config, procs, batch_s
                                   config.label_smoothing)
     parts = procs.gather((predictions, loss.item(), count))
     predictions = {k: v for part, _, _ in parts for k, v in part.items()}
+    references = validation.references
     predictions = {k: predictions[k] for k in references if k in predictions}  # the records' order
     val_loss = sum(p[1] for p in parts) / max(1, sum(p[2] for p in parts))
     scores = score_captions(predictions, {k: references[k] for k in predictions}, use_java=False, cider_only=True)
     return scores, predictions, val_loss
-
-
-# ---------------------------------------------------------------- run state
-
-def load_run_state(config, resume):
-    """The saved state of the run in config.out when resuming (None otherwise), refused
-    where the run cannot continue as asked."""
-    out = Path(config.out)
-    state_file = out / "train_state.pt"
-    if resume and not state_file.is_file():
-        raise FileNotFoundError(f"--resume: no {state_file} to resume from")
-    if not resume and state_file.is_file():  # never overwrite an earlier run's checkpoints
-        raise ValueError(f"{out} already holds a training run; use --resume to continue it, or another --out")
-    if not resume:
-        return None
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    stored = _stored_config(state)
-    changed = config.fixed_differences(stored) if stored else []
-    if changed:
-        raise ValueError("--resume: " + "; ".join(changed)
-                         + ". A started run keeps these; start a new run (another --out) to change them")
-    return state
-
-
-def save_run_state(path, model, optimizer, scaler, config, vocab, epoch, best, bad_epochs, base_lrs,
-                   lr_decay_epochs, rngs):
-    save_state({
-        "config": json.dumps(config.to_dict()), "decoder": model.decoder.state_dict(),
-        **({"encoder": model.encoder.state_dict()} if model.encoder_tuned else {}),
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "base_lrs": base_lrs, "lr_decay_epochs": lr_decay_epochs,
-        "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
-        "rng": rngs,  # one entry per process, in rank order
-        "vocab": vocab.to_json(), "model_config": json.dumps(model.config.to_dict()),
-        "concepts": model.concepts.to_json(),
-    }, path)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": _list_state(random.getstate()),
-            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-
-
-def restore_rng(states, procs):
-    if len(states) != procs.world:
-        log.warning("the run had %d process(es), now %d: its batches from here on differ from an "
-                    "uninterrupted run's", len(states), procs.world)
-    s = states[procs.rank % len(states)]
-    torch.set_rng_state(s["torch"])
-    random.setstate(_tuple_state(s["python"]))
-    if torch.cuda.is_available() and "cuda" in s:
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def _stored_config(state):
-    if "config" in state:
-        return TrainConfig.from_dict(json.loads(state["config"]))
-    if "settings" in state:  # runs started before TrainConfig (the train() keywords of then)
-        old = json.loads(state["settings"])
-        old["workers"] = old.pop("num_workers", None)
-        old["decode"] = {**(old.get("decode") or {}), "beam_size": old.pop("beam_size", 3)}
-        return TrainConfig.from_dict({**old, "out": old.get("out") or "."})
-    return None
-
-
-def stored_config(out):
-    """The config a run in `out` was started with (its train_state.pt), or None."""
-    state_file = Path(out) / "train_state.pt"
-    if not state_file.is_file():
-        return None
-    return _stored_config(torch.load(state_file, map_location="cpu", weights_only=True))
-
-
-def resume_config(out, values, given):
-    """The config to resume the run in `out` with: its stored settings, with those named in
-    `given` (the flags set on the command line) taken from `values` instead."""
-    stored = stored_config(out)
-    if stored is None:
-        return TrainConfig(**values)
-    merged = {**stored.to_dict(), **{k: v for k, v in values.items() if k in given}, "out": values["out"]}
-    return TrainConfig.from_dict(merged)
-
-
-def save_state(state, path):
-    """torch.save, atomically (a crash mid-write leaves the previous state), readable by others."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.chmod(tmp, 0o644)
-    tmp.replace(path)
-
-
-def lr_factor(epoch, decay_epochs):
-    """Learning-rate multiplier of 0-based `epoch`: cosine from 1 down to 0.05 over
-    `decay_epochs` epochs, then flat at 0.05."""
-    t = min(epoch, decay_epochs) / max(decay_epochs, 1)
-    return 0.05 + 0.95 * (1 + math.cos(math.pi * t)) / 2
-
-
-def _list_state(s):  # random.getstate() nests tuples; keep it to lists/ints for weights_only
-    return [list(x) if isinstance(x, tuple) else x for x in s]
-
-
-def _tuple_state(s):
-    return tuple(tuple(x) if isinstance(x, list) else x for x in s)
 
 
 # ---------------------------------------------------------------- main loop
@@ -612,96 +305,125 @@ def _train(config, resume, procs, device):
         out.mkdir(parents=True, exist_ok=True)
     else:
         logging.getLogger("captioner").setLevel(logging.WARNING)  # one process speaks
-    state = load_run_state(config, resume)
+    state = run_state.state_to_resume(config, resume)
     procs.barrier()  # every process has read the state before process 0 may write a new one
     if config.text_data and config.fine_tune_encoder:
         raise ValueError("--text-data trains with cached features; it cannot be combined with --fine-tune-encoder")
     random.seed(config.seed + procs.rank)
     torch.manual_seed(config.seed + procs.rank)
 
-    train_set, val_set, text_captions = read_records(config)
+    train_set, val_set, text_captions = read_training_records(config)
     model, vocab = build_model(config, train_set, text_captions, state, device)
     log.info("%d train and %d val images, %d text-only captions, vocabulary of %d words%s", len(train_set),
              len(val_set), len(text_captions), len(vocab), f", {procs.world} processes" if procs.world > 1 else "")
-    data = load_data(config, model, vocab, train_set, val_set, text_captions, device, procs)
-
-    step = TrainStep(model)
-    if procs.world > 1:
-        # No buffers to broadcast: the encoder's BatchNorm statistics never train (eval mode).
-        step = torch.nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    groups = [{"params": list(model.decoder.parameters()), "lr": config.lr}]
-    if config.fine_tune_encoder:
-        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.encoder_lr})
-    optimizer = torch.optim.Adam(groups)
-    # Cosine decay over lr_decay_epochs (default: this run's --epochs), kept in the run state
-    # so that a resumed run follows the schedule it started with; set it explicitly to extend
-    # a finished run with --resume --epochs N as if it had been planned.
-    base_lrs, lr_decay_epochs = [g["lr"] for g in groups], config.lr_decay_epochs or config.epochs
-    # bf16 autocast needs no loss scaling; the scaler is a no-op unless fp16 is used.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, config.amp) == torch.float16)
-    start_epoch, best, bad_epochs = 0, -math.inf, 0
+    batches, validation = load_data(config, model, vocab, train_set, val_set, text_captions, device, procs)
+    step = train_step(model, procs, device)
+    optimizer, scaler = make_optimizer(config, model, device)
     # Seed again: encoding images (DataLoaders draw seeds) must not change the training
     # order, or a run with a warm feature store would differ from one with a cold store.
     torch.manual_seed(config.seed + procs.rank)
-    if state:
-        model.decoder.load_state_dict(state["decoder"])
-        if config.fine_tune_encoder and "encoder" in state:
-            model.encoder.load_state_dict(state["encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):  # fp16 loss scale: resumed, not re-learnt from 65536
-            scaler.load_state_dict(state["scaler"])
-        base_lrs, lr_decay_epochs = state["base_lrs"], state["lr_decay_epochs"]  # the schedule it started with
-        start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
-        restore_rng(state["rng"] if "rng" in state else [{"torch": state["torch_rng"],
-                                                            "python": state["python_rng"]}], procs)
-        log.info("resumed from %s at epoch %d (best %s %.4f)", out / "train_state.pt", start_epoch + 1,
-                 config.select_metric, best)
+    progress = resume_from(state, model, optimizer, scaler, config, procs) if state else new_progress(config, optimizer)
 
     info = {"name": out.name, "data": config.data, "train_images": len(train_set),
             "text_captions": len(text_captions), "train_config": config.to_dict()}
-    metrics_file = out / "metrics.jsonl"
     if procs.main:
-        start_metrics(metrics_file, resume, start_epoch)
-    for epoch in range(start_epoch, config.epochs):
+        start_metrics(out / "metrics.jsonl", resume, progress.epoch + 1)
+    for epoch in range(progress.epoch + 1, config.epochs):
         t0 = time.time()
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base_lr * lr_factor(epoch, lr_decay_epochs)
-        loss, n_captions, skipped = train_one_epoch(
-            model, step, optimizer, scaler, data.batches(epoch), device, config,
-            desc=f"epoch {epoch + 1}/{config.epochs}", steps=data.steps, show=procs.main)
-        # The mean over processes of their mean losses (their batches are the same size).
-        losses = procs.gather((loss, n_captions, skipped))
-        loss = sum(x[0] for x in losses) / len(losses)
-        n_captions, skipped = sum(x[1] for x in losses), sum(x[2] for x in losses)
+        for group, base_lr in zip(optimizer.param_groups, progress.base_lrs, strict=True):
+            group["lr"] = base_lr * lr_factor(epoch, progress.lr_decay_epochs)
+        batches.set_epoch(epoch)
+        trained = train_one_epoch(model, step, optimizer, scaler, batches, device, epoch, config, show=procs.main)
+        trained = all_processes(procs, *trained)
         train_time = time.time() - t0
-        val_features, val_records = data.validation()
-        scores, predictions, val_loss = evaluate(model, vocab, val_features, val_records, data.references, config,
-                                                 procs)
-        score = scores[config.select_metric]
-        improved = score > best
-        best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
-        rngs = procs.gather(rng_state())
+        scores, predictions, val_loss = evaluate(model, vocab, validation, device, config, procs)
+        improved = progress.record(epoch, scores[config.select_metric])
+        rngs = procs.gather(run_state.rng_state())  # process 0 saves every process's
         if procs.main:
-            row = epoch_row(epoch, loss, val_loss, optimizer.param_groups[0]["lr"], n_captions, train_time,
-                            time.time() - t0, skipped, scores, predictions)
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if improved:
-                save_checkpoint(out / "best.safetensors", model, vocab,
-                                {**info, "epoch": epoch + 1, f"val_{config.select_metric}": round(score, 4)})
-            save_checkpoint(out / "last.safetensors", model, vocab, {**info, "epoch": epoch + 1})
-            save_run_state(out / "train_state.pt", model, optimizer, scaler, config, vocab, epoch, best, bad_epochs,
-                           base_lrs, lr_decay_epochs, rngs)
-            log.info("epoch %d: loss %.3f, val %s %.4f, BLEU-4 %.4f%s (%.0fs)", epoch + 1, loss,
-                     config.select_metric, score, scores["BLEU-4"], " *best*" if improved else "",
-                     row["epoch_time_s"])
-            plot_curves(metrics_file, out / "curves.png", config.select_metric)
-        if bad_epochs >= config.patience:
+            row = epoch_row(epoch, optimizer.param_groups[0]["lr"], trained, val_loss, scores, predictions,
+                            (train_time, time.time() - t0))
+            save_epoch(out, row, model, vocab, info, improved,
+                       run_state.RunState.capture(config, model, vocab, optimizer, scaler, progress, rngs))
+            log.info("epoch %d: loss %.3f, val %s %.4f, BLEU-4 %.4f%s (%.0fs)", epoch + 1, trained[0],
+                     config.select_metric, scores[config.select_metric], scores["BLEU-4"],
+                     " *best*" if improved else "", row["epoch_time_s"])
+            plot_curves(out / "metrics.jsonl", out / "curves.png", config.select_metric)
+        if progress.bad_epochs >= config.patience:
             log.info("no improvement for %d epochs: stopping early", config.patience)
             break
     procs.barrier()  # no process leaves (and tears the group down) while process 0 still writes
-    return {"best": best, "metric": config.select_metric, "out": str(out), "main": procs.main}
+    return {"best": progress.best, "metric": config.select_metric, "out": str(out), "main": procs.main}
+
+
+def train_step(model, procs, device):
+    """TrainStep, wrapped in DistributedDataParallel under torchrun."""
+    step = TrainStep(model)
+    if procs.world == 1:
+        return step
+    # No buffers to broadcast: the encoder's BatchNorm statistics never train (eval mode).
+    return torch.nn.parallel.DistributedDataParallel(
+        step, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def make_optimizer(config, model, device):
+    """Adam over the decoder (and the encoder at its own rate with --fine-tune-encoder), and
+    the loss scaler: bf16 autocast needs no loss scaling, so it is a no-op unless fp16 is used."""
+    groups = [{"params": list(model.decoder.parameters()), "lr": config.lr}]
+    if config.fine_tune_encoder:
+        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.encoder_lr})
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, config.amp) == torch.float16)
+    return torch.optim.Adam(groups), scaler
+
+
+def new_progress(config, optimizer):
+    """A new run's Progress. The cosine decay runs over lr_decay_epochs (default: this run's
+    --epochs) and is kept in the run state, so that a resumed run follows the schedule it
+    started with; set it explicitly to extend a finished run with --resume --epochs N as if
+    it had been planned."""
+    return run_state.Progress(base_lrs=[g["lr"] for g in optimizer.param_groups],
+                              lr_decay_epochs=config.lr_decay_epochs or config.epochs)
+
+
+def resume_from(state, model, optimizer, scaler, config, procs):
+    """Continue a saved RunState: its weights, optimizer, loss scale and random state.
+    -> its Progress."""
+    model.decoder.load_state_dict(state.decoder)
+    if config.fine_tune_encoder and state.encoder is not None:
+        model.encoder.load_state_dict(state.encoder)
+    optimizer.load_state_dict(state.optimizer)
+    if state.scaler:  # fp16 loss scale: resumed, not re-learnt from 65536
+        scaler.load_state_dict(state.scaler)
+    run_state.restore_rng(state.rng, procs)
+    log.info("resumed from %s at epoch %d (best %s %.4f)", Path(config.out) / run_state.STATE_FILE,
+             state.progress.epoch + 2, config.select_metric, state.progress.best)
+    return state.progress
+
+
+def lr_factor(epoch, decay_epochs):
+    """Learning-rate multiplier of 0-based `epoch`: cosine from 1 down to LR_FLOOR over
+    `decay_epochs` epochs, then flat at LR_FLOOR."""
+    t = min(epoch, decay_epochs) / max(decay_epochs, 1)
+    return LR_FLOOR + (1 - LR_FLOOR) * (1 + math.cos(math.pi * t)) / 2
+
+
+def all_processes(procs, loss, captions, skipped):
+    """An epoch's (loss, captions, images skipped) over every process: the mean of their
+    mean losses (their batches are the same size), the counts summed."""
+    parts = procs.gather((loss, captions, skipped))
+    return sum(x[0] for x in parts) / len(parts), sum(x[1] for x in parts), sum(x[2] for x in parts)
+
+
+def save_epoch(out, row, model, vocab, info, improved, state):
+    """Append the epoch's metrics row, write last.safetensors (and best.safetensors when the
+    score improved) and the run state."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    info = {**info, "epoch": row["epoch"]}
+    if improved:
+        score = {f"val_{state.config.select_metric}": round(state.progress.best, 4)}
+        save_checkpoint(out / "best.safetensors", model, vocab, {**info, **score})
+    save_checkpoint(out / "last.safetensors", model, vocab, info)
+    run_state.save(state, out / run_state.STATE_FILE)
 
 
 def start_metrics(metrics_file, resume, start_epoch):
@@ -712,8 +434,11 @@ def start_metrics(metrics_file, resume, start_epoch):
         metrics_file.write_text("".join(r + "\n" for r in rows if json.loads(r)["epoch"] <= start_epoch))
 
 
-def epoch_row(epoch, loss, val_loss, lr, n_captions, train_time, epoch_time, skipped, scores, predictions):
-    """One metrics.jsonl row: losses, validation scores, speed, and how the model talks."""
+def epoch_row(epoch, lr, trained, val_loss, scores, predictions, times):
+    """One metrics.jsonl row: losses, validation scores, speed, and how the model talks.
+    trained: (loss, captions, images skipped) of all processes; times: (training, whole
+    epoch) in seconds."""
+    (loss, n_captions, skipped), (train_time, epoch_time) = trained, times
     distinct = len(set(predictions.values())) / max(1, len(predictions))
     if len(predictions) >= 10 and distinct < 0.3:
         log.warning("epoch %d: only %d distinct captions for %d validation images: the model may be "

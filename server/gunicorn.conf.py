@@ -14,7 +14,7 @@
 import os
 import tempfile
 
-from captioner.options import available_cores, default_server_workers  # torch-free: safe in the master
+from captioner.machine import available_cores, default_server_workers  # torch-free: safe in the master
 
 bind = os.environ.get("CAPTIONER_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("CAPTIONER_WORKERS") or default_server_workers())

@@ -6,10 +6,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from captioner import backends, options
-from captioner.backends import FEATURE_TOLERANCE, load_backend, onnx_file, weights_hash
+from captioner import backends, machine
+from captioner.backends import FEATURE_TOLERANCE, load_backend
 from captioner.cli import main
 from captioner.encoder import load_encoder
+from captioner.export import onnx_file, weights_hash
 from captioner.images import load_image, preprocess
 from captioner.inference import Captioner
 
@@ -147,10 +148,10 @@ def test_cli_backend_flag(image_folder, trained_checkpoint):
 
 
 def test_available_cores_reads_the_cgroup_quota(monkeypatch):
-    real_read = options.Path.read_text
-    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr(options.Path, "read_text", lambda self, *a, **k: "150000 100000\n"
+    real_read = machine.Path.read_text
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(machine.Path, "read_text", lambda self, *a, **k: "150000 100000\n"
                         if str(self) == "/sys/fs/cgroup/cpu.max" else real_read(self, *a, **k))
-    assert options.available_cores() == 2  # docker --cpus 1.5 on a 16-core host
-    assert backends.pipeline_threads("onnx") == 1 and backends.pipeline_threads("torch-bf16") == 2
-    assert backends.decoding_workers() == 1 and options.default_server_workers() == 2
+    assert machine.available_cores() == 2  # docker --cpus 1.5 on a 16-core host
+    assert machine.pipeline_threads("onnx") == 1 and machine.pipeline_threads("torch-bf16") == 2
+    assert machine.decoding_workers() == 1 and machine.default_server_workers() == 2

@@ -330,14 +330,14 @@ def test_txt_and_csv_escaping(tmp_path, photos, trained_checkpoint):
 def test_exit_codes_for_output_errors_and_interruption(tmp_path, image_folder, trained_checkpoint, monkeypatch):
     import errno
 
-    from captioner import cli as cli_module
+    from captioner import records
     from captioner.inference import Captioner
 
     common = ["--weights", trained_checkpoint, "--workers", 0]
 
     def disk_full(self, record):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(cli_module.RecordWriter, "write", disk_full)
+    monkeypatch.setattr(records.RecordWriter, "write", disk_full)
     result = run("caption", image_folder, "-o", tmp_path / "out.jsonl", *common)
     assert result.exit_code == 3 and "No space left on device" in result.stderr
     assert "Traceback" not in result.output

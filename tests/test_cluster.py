@@ -129,7 +129,7 @@ def test_records_written_twice_are_dropped(tmp_path, fmt):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from captioner.cluster import drop_duplicates, read_records
+    from captioner.cluster import drop_duplicates, read_shards
 
     for name, paths in (("a", ["x", "y"]), ("b", ["y", "z", "z"])):
         if fmt == "parquet":
@@ -137,4 +137,4 @@ def test_records_written_twice_are_dropped(tmp_path, fmt):
         else:
             (tmp_path / f"{name}.json").write_text("".join(json.dumps({"path": p}) + "\n" for p in paths))
     drop_duplicates(tmp_path, fmt)
-    assert sorted(r["path"] for r in read_records(tmp_path, fmt)) == ["x", "y", "z"]
+    assert sorted(r["path"] for r in read_shards(tmp_path, fmt)) == ["x", "y", "z"]

@@ -1,5 +1,6 @@
-"""The feature store (captioner/features.py): encode once, append-only shards, concurrent
-writers, damaged shards, rank shares, pruning, and `captioner cache`."""
+"""The feature store (captioner/feature_store.py, filled by captioner/features.py): encode
+once, append-only shards, concurrent writers, damaged shards, rank shares, pruning, and
+`captioner cache`."""
 import logging
 import os
 import subprocess
@@ -12,10 +13,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from captioner import feature_store
 from captioner import features as fs
 from captioner.cli import main
-from captioner.features import (FEATURE_CACHE_VERSION, STORE_DIR, FeatureStore, compute_features, encode_missing,
-                                feature_key, prune_store)
+from captioner.feature_store import FEATURE_CACHE_VERSION, STORE_DIR, FeatureStore, feature_key, prune_store
+from captioner.features import compute_features, encode_missing
 from captioner.images import load_image, preprocess
 
 NAMES = ["cat", "coffee", "rocket", "astronaut"]
@@ -134,14 +136,14 @@ def test_a_damaged_shard_is_set_aside_and_encoded_again(tmp_path, tiny_model, pa
     (shard,) = shards(tmp_path)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # a crash or a full disk
-    with caplog.at_level(logging.WARNING, logger="captioner.features"):
+    with caplog.at_level(logging.WARNING, logger="captioner.feature_store"):
         again, ok = features_of(tiny_model, paths, tmp_path)
     assert "damaged feature shard" in caplog.text
     torch.testing.assert_close(again, first)
     assert ok == [True] * 4 + [False]
     assert (shard.parent / (shard.name + ".damaged")).is_file() and not shard.exists()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="captioner.features"):
+    with caplog.at_level(logging.WARNING, logger="captioner.feature_store"):
         features_of(tiny_model, paths, tmp_path)
     assert "damaged feature shard" not in caplog.text  # warned once
 
@@ -228,7 +230,7 @@ def test_a_reader_survives_prune_compacting_under_it(tmp_path):
     files = []
     for i in range(4):
         (root / f"{i}.jpg").write_bytes(b"x" * (i + 1))
-        files.append(fs._file_info(root / f"{i}.jpg"))
+        files.append(feature_store.file_info(root / f"{i}.jpg"))
     keys = [f"{i:040x}" for i in range(4)]
     writer = FeatureStore(tmp_path / "c", root)
     for i in range(4):

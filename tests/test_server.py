@@ -143,11 +143,11 @@ def test_image_decoding_takes_turns(tiny_captioner, photos, monkeypatch):
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    import server.app
+    import server.api
 
     app = create_app({"CAPTIONER": tiny_captioner, "MAX_CONCURRENT_DECODES": 2})
     lock, now, peak = threading.Lock(), [0], [0]
-    real_load_image = server.app.load_image
+    real_load_image = server.api.load_image
 
     def slow_load_image(*a, **k):
         with lock:
@@ -159,7 +159,7 @@ def test_image_decoding_takes_turns(tiny_captioner, photos, monkeypatch):
         finally:
             with lock:
                 now[0] -= 1
-    monkeypatch.setattr(server.app, "load_image", slow_load_image)
+    monkeypatch.setattr(server.api, "load_image", slow_load_image)
     data = image_bytes(photos["cat"].resize((64, 64)))
     with ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(lambda _: post(app.test_client(), [("c.jpg", data, None)]).status_code, range(6)))

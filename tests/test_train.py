@@ -387,15 +387,15 @@ def test_every_tensor_the_model_sees_is_on_its_device(tmp_path, dataset, feature
     model's weights raises, as on CUDA ("Expected all tensors to be on the same device"),
     so features left on the CPU (the validation ones once were) fail here."""
     from captioner.options import TrainConfig
-    from captioner.train import (Processes, TrainStep, batch_to_device, build_model, caption_loss, load_data,
-                                 read_records, validation_loss)
+    from captioner.train import Processes, TrainStep, batch_to_device, build_model, caption_loss, validation_loss
+    from captioner.train_data import load_data, read_training_records
 
     text = tmp_path / "text.txt"
     text.write_text("a zebra stands in a field\na plate of broccoli\n")
     config = TrainConfig(data=dataset, out=tmp_path / "run", cache_dir=feature_cache, embed_dim=32, hidden_dim=32,
                          min_word_count=1, batch_size=4, workers=0, text_data=[text], feature_dropout=0.5,
                          backend="torch")  # what "auto" means on a GPU, and here
-    train_set, val_set, text_captions = read_records(config)
+    train_set, val_set, text_captions = read_training_records(config)
     cpu = torch.device("cpu")
     model, vocab = build_model(config, train_set, text_captions, None, cpu)
     load_data(config, model, vocab, train_set, val_set, text_captions, cpu, Processes())  # fills the store
@@ -405,17 +405,18 @@ def test_every_tensor_the_model_sees_is_on_its_device(tmp_path, dataset, feature
     monkeypatch.setattr(captioner.features, "weights_hash", lambda encoder: weights)
     meta = torch.device("meta")
     model = model.to(meta)
-    data = load_data(config, model, vocab, train_set, val_set, text_captions, meta, Processes())
+    batches, validation = load_data(config, model, vocab, train_set, val_set, text_captions, meta, Processes())
     step, seen = TrainStep(model), 0
-    for inputs, concepts, tokens, _ in data.batches(0):
+    batches.set_epoch(0)
+    for inputs, concepts, tokens, _ in batches:
         assert inputs.device == concepts.device == meta
         inputs, concepts, tokens = batch_to_device(inputs, concepts, tokens, meta)
         loss = caption_loss(step(inputs, tokens[:, :-1], concepts).float(), tokens[:, 1:])
         loss.backward()
         seen += len(tokens)
-    assert seen == data.captions == 6 + 2  # 3 photos x 2 captions and the text
+    assert seen == batches.captions == 6 + 2  # 3 photos x 2 captions and the text
     assert all(p.grad.device == meta for p in model.decoder.parameters())
-    features, records = data.validation()
+    features, records = validation.encoded(model, meta)
     assert features.device == meta and [r.image.name for r in records] == ["astronaut.jpg"]
     total, count = validation_loss(model, vocab, features, records, config.max_caption_length, 0.1)
     assert total.device == meta and count == 2
@@ -451,12 +452,12 @@ def test_train_config_is_the_one_place_for_settings(tmp_path, dataset, monkeypat
 
 def test_runs_started_before_train_config_still_resume():
     """train_state.pt of earlier versions stored the train() keywords of then as "settings"."""
-    from captioner.options import DecodeOptions
-    from captioner.train import _stored_config
+    from captioner.options import DecodeOptions, TrainConfig
+    from captioner.run_state import upgrade
 
     old = {"data": "d.csv", "out": "runs/x", "format": "csv", "images": None, "epochs": 3, "batch_size": 4,
            "num_workers": 0, "beam_size": 2, "decode": DecodeOptions(beam_size=2).to_dict(), "cell": "gru",
            "resume": False, "text_data": [], "cache_dir": "/tmp/c"}
-    config = _stored_config({"settings": json.dumps(old)})
+    config = TrainConfig.from_dict(json.loads(upgrade({"settings": json.dumps(old)})["config"]))
     assert (config.workers, config.decode.beam_size, config.cell, config.batch_size) == (0, 2, "gru", 4)
-    assert _stored_config({}) is None
+    assert "config" not in upgrade({})

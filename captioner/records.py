@@ -1,0 +1,107 @@
+"""The records `captioner caption` writes, one per input file: the jsonl, csv and txt
+formats, reading an output file back for --resume, and the repair of a last line that a
+crash cut short (the Ray engine's shards get the same repair, cluster.py).
+
+Every line stays one record whatever a file name holds: JSONL escapes what JSON must (and
+writes a file name that is not UTF-8 as \\udcXX escapes, as Python's os.fsdecode reads it);
+txt escapes backslash, tab, CR and LF as \\\\ \\t \\r \\n; csv quotes as CSV does and prefixes
+a cell that starts with = + - @ tab or CR with ' (a spreadsheet would run it as a formula).
+In csv and txt a name that is not UTF-8 keeps its original bytes (the stream is opened with
+errors="surrogateescape").
+"""
+import csv
+import json
+import logging
+import re
+
+log = logging.getLogger(__name__)
+OUTPUT_FORMATS = ("jsonl", "csv", "txt")
+CSV_COLUMNS = ["path", "caption", "score", "objects", "error"]
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+TXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_TXT_UNESCAPE = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
+_TXT_ESCAPED = re.compile(r"\\[\\tnr]")
+
+
+class RecordError(ValueError):
+    """An output file that does not hold this command's records."""
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: a leading formula character gets a ' before it."""
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+class RecordWriter:
+    """Writes one record per input file as soon as it is known (nothing is lost if a long
+    run is interrupted). `header=False` when appending to a CSV that has one."""
+
+    def __init__(self, stream, fmt, header=True):
+        self.stream, self.fmt = stream, fmt
+        if fmt == "csv":
+            self.csv = csv.writer(stream)
+            if header:
+                self.csv.writerow(CSV_COLUMNS)
+
+    def write(self, record):
+        if self.fmt == "jsonl":
+            line = json.dumps(record, ensure_ascii=False)
+            if not line.isascii() and not _utf8_clean(line):  # a file name that is not UTF-8
+                line = json.dumps(record)
+            self.stream.write(line + "\n")
+        elif self.fmt == "csv":
+            objects = "; ".join(f"{o['word']} ({o['label']}) {o['p']:.2f}" for o in record.get("objects", []))
+            self.csv.writerow([csv_cell(record["path"]), csv_cell(record.get("caption", "")),
+                               record.get("score", ""), csv_cell(objects), csv_cell(record.get("error", ""))])
+        else:
+            text = record["caption"] if "caption" in record else f"ERROR: {record['error']}"
+            self.stream.write(f"{record['path'].translate(TXT_ESCAPES)}\t{text.translate(TXT_ESCAPES)}\n")
+        self.stream.flush()
+
+
+def _utf8_clean(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def complete_lines(data, name):
+    """`data`, the bytes of a records file, up to its last newline: a last line that a crash
+    cut short is dropped (with a warning naming the file `name`), so that appending starts
+    on a fresh line."""
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        log.warning("%s: removing an incomplete last line (%d bytes) left by an interrupted run", name,
+                    len(data) - complete)
+    return data[:complete]
+
+
+def recorded_paths(output, fmt):
+    """The paths an earlier run already wrote to the file `output` (for --resume), after
+    cutting off an incomplete last line. Raises RecordError if it holds something else."""
+    with open(output, "rb+") as f:
+        data = f.read()
+        complete = complete_lines(data, output)
+        if len(complete) < len(data):
+            f.truncate(len(complete))
+    lines = complete.decode("utf-8", errors="surrogateescape").splitlines()
+    if fmt == "jsonl":
+        done = set()
+        for n, line in enumerate(lines, 1):
+            try:
+                done.add(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                raise RecordError(f"--resume: {output} line {n} is not a caption record; "
+                                  "is it the output of this command?") from None
+        return done
+    if fmt == "csv":
+        rows = list(csv.reader(lines))
+        if rows and rows[0] != CSV_COLUMNS:
+            raise RecordError(f"--resume: {output} does not start with the header {','.join(CSV_COLUMNS)}")
+        # a path cell neutralised against formulas (csv_cell) is read back without its '
+        return {row[0][1:] if row[0][:1] == "'" and row[0][1:2] in FORMULA_START else row[0] for row in rows[1:] if row}
+    return {_TXT_ESCAPED.sub(lambda m: _TXT_UNESCAPE[m.group()], line.split("\t", 1)[0]) for line in lines}
