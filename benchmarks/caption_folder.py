@@ -11,7 +11,9 @@ Everything runs on the same folder of photo-sized JPEGs (made from the bundled e
   (JPEG draft mode) while the encoder and decoder work on the previous batch.
 
 The goals: the `auto` pipeline >= 4x the naive loop, and >= 0.8x its backend's own
-encoder-only rate. `--no-grounding` adds ungrounded pipeline rows; `--weights` other models.
+encoder-only rate. `--no-grounding` adds ungrounded pipeline rows, `--without-evidence`
+pipeline rows with the decoding levers of evidence.py off (no repeat blocks, no negative
+evidence, no person detector: what their cost is measured against); `--weights` other models.
 
 `--stages` adds, per backend, the CPU time per image of each stage the pipeline runs:
 reading + preprocessing the JPEGs (`load_image`, `preprocess`), the encoder on pre-decoded
@@ -22,6 +24,7 @@ divided by the encoder-only rate, the pipeline / encoder-only ratio.
 
     .venv/bin/python benchmarks/caption_folder.py [--images 256] [--batch-size 32] [--beam-size 3]
         [--backends auto torch torch-bf16 onnx onnx-int8] [--naive-images 64] [--weights OTHER ...] [--stages]
+        [--no-grounding] [--without-evidence]
 """
 import argparse
 import os
@@ -119,12 +122,15 @@ def main():
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--no-grounding", action="store_true", help="also time pipelines without grounding")
+    parser.add_argument("--without-evidence", action="store_true",
+                        help="also time pipelines with repeat blocks, negative evidence and the person detector off")
     parser.add_argument("--weights", nargs="*", default=[], help="other checkpoints to time too (auto backend)")
     parser.add_argument("--stages", action="store_true",
                         help="also time each stage alone (CPU per image) and print the bound it implies")
     args = parser.parse_args()
     grounded = DecodeOptions(beam_size=args.beam_size)
     plain = grounded.replace(grounding=False)
+    no_evidence = grounded.replace(block_repeats=False, absent_threshold=0.0, person_threshold=0.0)
     print(f"torch threads {torch.get_num_threads()}, cores {available_cores()} (os.cpu_count {os.cpu_count()}), "
           f"{args.images} JPEGs of 1600x1200, beam {args.beam_size}, batch {args.batch_size}")
     rows, per_stage = [], []
@@ -145,7 +151,9 @@ def main():
             name = f"{backend} ({captioner.backend})" if backend == "auto" else backend
             rate = pipeline(captioner, paths, grounded, args.batch_size, args.workers)
             rows.append((name, enc, rate, pipeline(captioner, paths, plain, args.batch_size, args.workers)
-                         if args.no_grounding else None))
+                         if args.no_grounding else None,
+                         pipeline(captioner, paths, no_evidence, args.batch_size, args.workers)
+                         if args.without_evidence else None))
             print(f"{name}: encoder only {enc:.1f}, pipeline {rate:.1f} images/s", flush=True)
             if args.stages:
                 per_stage.append((name, enc, enc_cpu, rate, *stages(backend, paths, pixels, grounded, plain,
@@ -157,11 +165,14 @@ def main():
             others.append((weights, pipeline(other, paths, plain, args.batch_size, args.workers)))
     print()
     print("| backend | encoder only, images/s | pipeline, images/s | pipeline / encoder only | pipeline / naive |"
-          + (" pipeline without grounding |" if args.no_grounding else ""))
-    print("|---|---|---|---|---|" + ("---|" if args.no_grounding else ""))
-    for name, enc, rate, rate_plain in rows:
+          + (" pipeline without grounding |" if args.no_grounding else "")
+          + (" pipeline without evidence levers | with / without |" if args.without_evidence else ""))
+    print("|---|---|---|---|---|" + ("---|" if args.no_grounding else "")
+          + ("---|---|" if args.without_evidence else ""))
+    for name, enc, rate, rate_plain, rate_off in rows:
         print(f"| {name} | {enc:.1f} | {rate:.1f} | {rate / enc:.2f} | {rate / naive:.2f} |"
-              + (f" {rate_plain:.1f} |" if rate_plain else ""))
+              + (f" {rate_plain:.1f} |" if rate_plain else "") + (f" {rate_off:.1f} | {rate / rate_off:.2f} |"
+                                                                  if rate_off else ""))
     print(f"| naive loop (torch fp32) | | {naive:.1f} | | 1.00 |")
     for weights, rate in others:
         print(f"{weights}: {rate:.1f} images/s without grounding")

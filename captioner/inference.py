@@ -9,10 +9,11 @@ from PIL import Image
 
 from .backends import load_backend, resolve_backend
 from .checkpoint import load_model
+from .evidence import banned_words, caption_signals, repeat_rules_for
 from .images import image_loader, load_image, preprocess
 from .machine import pipeline_threads
 from .model import beam_search, greedy_search
-from .options import DEFAULT_BACKEND, DecodeOptions
+from .options import DEFAULT_BACKEND, DEFAULT_DEVICE, DecodeOptions
 
 
 def _default_weights():
@@ -28,7 +29,7 @@ DEFAULT_WEIGHTS = _default_weights()
 MAX_ENCODER_BATCH = 64
 
 
-def resolve_device(device="auto"):
+def resolve_device(device=DEFAULT_DEVICE):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -40,17 +41,22 @@ def resolve_device(device="auto"):
     return device
 
 
-def decode_features(model, vocab, features, options=DecodeOptions()):
+def decode_features(model, vocab, features, decode=DecodeOptions()):
     """Pooled image features -> one result dict per image:
-    {"caption", "score", "log_prob", "alternatives": [...], "objects": [...]}
+    {"caption", "score", "log_prob", "confidence", "alternatives": [...], "objects": [...]}
     `score` is the length-normalised log-probability that ranks the candidates, `log_prob`
-    the caption's total log-probability, `alternatives` the other n-best candidates, and
-    `objects` the concepts the encoder's classifier is sure of ({"label", "word", "p"}),
-    which grounding forces into the caption."""
+    the caption's total log-probability, `confidence` the estimated probability that the
+    caption names nothing absent (None for a model without a calibration, evidence.py),
+    `alternatives` the other n-best candidates, and `objects` the concepts the encoder's
+    classifier is sure of ({"label", "word", "p"}), which grounding forces into the caption."""
     class_logits = model.classify_features(features)
     concepts = model.decoder_concepts(class_logits)
-    objects = model.concepts.detect(class_logits, options.concept_threshold)
-    constraints = [grounding_constraints(model.concepts, vocab, found, options) for found in objects]
+    concept_p = model.concepts.concept_probs(class_logits)  # (B, C), also for a decoder without concepts
+    person_p = model.person_head(features) if model.person_head is not None else None  # (B,)
+    objects = model.concepts.detect(class_logits, decode.concept_threshold)
+    constraints = [grounding_constraints(model.concepts, vocab, found, decode) for found in objects]
+    banned = banned_words(model, vocab, concept_p, person_p, decode)
+    repeat_rules = repeat_rules_for(vocab, features.device) if decode.block_repeats else None
     # Images with the same number of forced words decode together: the search keeps
     # 2**M beams per image for M constraints, so plain images stay at the plain cost.
     hyps = [None] * len(features)
@@ -59,29 +65,35 @@ def decode_features(model, vocab, features, options=DecodeOptions()):
         index = torch.tensor(rows, device=features.device)
         feats = features.index_select(0, index)
         conc = concepts.index_select(0, index) if concepts is not None else None
-        if m == 0 and options.beam_size == 1:
-            found = greedy_search(model.decoder, feats, options.max_length, options.length_alpha, conc)
+        if m == 0 and decode.beam_size == 1 and banned is None and repeat_rules is None:
+            found = greedy_search(model.decoder, feats, decode.max_length, decode.length_alpha, conc)
         else:
-            found = beam_search(model.decoder, feats, options.beam_size, options.max_length, options.n_best,
-                                options.length_alpha, conc, [constraints[i] for i in rows] if m else None)
+            found = beam_search(model.decoder, feats, decode.beam_size, decode.max_length, decode.n_best,
+                                decode.length_alpha, conc, [constraints[i] for i in rows] if m else None,
+                                banned.index_select(0, index) if banned is not None else None, repeat_rules)
         for i, h in zip(rows, found, strict=True):
             hyps[i] = h
     results = []
-    for image_hyps, found in zip(hyps, objects, strict=True):
+    for b, (image_hyps, found) in enumerate(zip(hyps, objects, strict=True)):
         candidates = [{"caption": vocab.decode(ids), "score": round(score, 4), "log_prob": round(lp, 4)}
                       for ids, lp, score in image_hyps]
-        results.append({**candidates[0], "alternatives": candidates[1:],
+        confidence = None
+        if model.calibration is not None:
+            signals = caption_signals(candidates[0]["caption"], candidates[0]["score"], concept_p[b],
+                                      person_p[b] if person_p is not None else None, model.concepts)
+            confidence = round(float(model.calibration([signals])[0]), 4)
+        results.append({**candidates[0], "confidence": confidence, "alternatives": candidates[1:],
                         "objects": [{k: o[k] for k in ("label", "word", "p")} for o in found]})
     return results
 
 
-def grounding_constraints(concepts, vocab, found, options):
+def grounding_constraints(concepts, vocab, found, decode):
     """The word-id sets that grounding forces into one image's caption: the surest
     `max_concepts` detected concepts that have a word in the vocabulary (a concept whose
     words the model never learned is skipped, not forced)."""
     sets = []
-    for o in found if options.grounding else []:
-        if len(sets) == options.max_concepts:
+    for o in found if decode.grounding else []:
+        if len(sets) == decode.max_concepts:
             break
         ids = {vocab.stoi[w] for w in concepts.words[o["concept"]] if w in vocab.stoi}
         if ids:
@@ -108,7 +120,7 @@ class Captioner:
         self.encoder = load_backend(self.model.encoder, backend, self.device, cache_dir, threads)
 
     @classmethod
-    def from_pretrained(cls, path=None, device="auto", backend=DEFAULT_BACKEND, cache_dir=None, threads=None):
+    def from_pretrained(cls, path=None, device=DEFAULT_DEVICE, backend=DEFAULT_BACKEND, cache_dir=None, threads=None):
         """Load a checkpoint file (or a folder holding model.safetensors); None means the
         default model shipped in weights/. Raises CheckpointError with a clear message."""
         model, vocab, info = load_model(path or DEFAULT_WEIGHTS)
@@ -185,7 +197,7 @@ class Captioner:
         return results[0] if single else results
 
 
-def file_captioner(weights=None, device="auto", backend=DEFAULT_BACKEND):
+def file_captioner(weights=None, device=DEFAULT_DEVICE, backend=DEFAULT_BACKEND):
     """A Captioner set up for `caption_files` on this machine (the CLI, evaluation and the
     folder benchmark use it): on a CPU, threads for the encoder and the beam-search thread,
     which run at the same time, as machine.pipeline_threads shares the cores."""

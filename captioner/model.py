@@ -9,6 +9,7 @@ state and is added to every input word, so that the model knows how sentences ab
 captions supply the vector from their own words (see train.py).
 """
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,9 @@ class CaptionModel(nn.Module):
         self.encoder_tuned = False  # set by training with --fine-tune-encoder; saved with the weights
         self.decoder = CaptionDecoder(config)
         self.concepts = concepts or shipped_concepts()  # a ConceptMap; saved with the weights
+        # Fitted after training by `captioner calibrate` (evidence.py); saved with the weights.
+        self.person_head = None  # an evidence.PersonHead: P(someone is in the photo)
+        self.calibration = None  # an evidence.Calibration: a caption's confidence
         if config.num_concepts not in (0, len(self.concepts)):
             raise ValueError(f"the decoder takes {config.num_concepts} concepts but the concept map has "
                              f"{len(self.concepts)}")
@@ -198,9 +202,44 @@ def greedy_search(decoder, features, max_length=20, length_alpha=0.7, concepts=N
                                                      strict=True)]
 
 
+class RepeatRules(NamedTuple):
+    """What block_repeats forbids, as (V,) bool masks over the vocabulary."""
+    no_end_after: torch.Tensor  # words a caption may not end on ("a", "with", "of" ...)
+    objects: torch.Tensor  # words never said twice after the same word ("a cat ... on a cat")
+
+
+def block_repeats(logp, history, tokens, step, max_length, rules):
+    """Forbid the loops a decoder falls into: the previous word again ("a dog dog"), a word
+    that would repeat a trigram already said ("a white shirt and a white shirt"), an object
+    after the same word again ("a cat is sitting on top of a cat"), and ending right after
+    a word that needs more. logp (n, V) next-word log-probs of n hypotheses, history (n, t)
+    their words so far (None at step 0), tokens (n,) their last word, rules a RepeatRules.
+    -> logp, changed in place."""
+    if step == 0:
+        return logp
+    rows = torch.arange(logp.size(0), device=logp.device)
+    logp[rows, tokens] = float("-inf")
+    if step < max_length:  # at max_length <END> is the only word left: never take it away
+        logp[rules.no_end_after[tokens], END_ID] = float("-inf")
+    if history.size(1) >= 2:
+        # Earlier positions j where the last word stood too: the object after it (at j + 1)
+        # would be said again after the same word.
+        r, j = (history[:, :-1] == history[:, -1:]).nonzero(as_tuple=True)  # (n, t-1) matches
+        after = history[:, 1:][r, j]
+        keep = rules.objects[after]
+        logp[r[keep], after[keep]] = float("-inf")
+    if history.size(1) >= 3:
+        # Earlier positions j where the last two words stood too: the word after them (at
+        # j + 2) would repeat that trigram.
+        match = (history[:, :-2] == history[:, -2:-1]) & (history[:, 1:-1] == history[:, -1:])  # (n, t-2)
+        r, j = match.nonzero(as_tuple=True)
+        logp[r, history[:, 2:][r, j]] = float("-inf")
+    return logp
+
+
 @torch.inference_mode()
 def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7, concepts=None,
-                constraints=None):
+                constraints=None, banned=None, repeat_rules=None):
     """Beam search over all images and beams at once: every step is one batched decoder
     call. Finished beams keep their score and continue with <PAD> for free. Hypotheses
     are ranked by log-prob / length**length_alpha (length counts <END>), so longer
@@ -219,7 +258,14 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
     runs every beam of every image to the end, up to float rounding (a matrix product
     over fewer rows may round its last bit differently).
 
+    `banned` (B, V): 0, or -inf for the words an image's caption may not use (evidence.py);
+    `repeat_rules` (a RepeatRules) turns on block_repeats.
+
     Returns per image up to `n_best` [(token ids, log-prob, normalised score)], best first.
+
+    One function on purpose: the constrained states, the shrinking batch and the row
+    bookkeeping share their index tensors step by step, and split apart they would have to
+    pass a dozen of them back and forth.
     """
     B, K, device = features.size(0), beam_size, features.device
     V = decoder.config.vocab_size
@@ -265,6 +311,10 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
         A = image.size(0)
         logp, state = decoder.step(tokens, state, context[image[live // SK]] if context is not None else None)
         logp = _mask_logprobs(logp, t, max_length)  # (n, V)
+        if banned is not None:
+            logp += banned[image[live // SK]]
+        if repeat_rules is not None:
+            logp = block_repeats(logp, history[live] if t else None, tokens, t, max_length, repeat_rules)
         # Every row's next-word log-probs: a finished hypothesis may only add <PAD>, for
         # free; one that was never reached (score -inf) stays out of reach whatever it adds.
         step_logp = logp.new_full((A * SK, V), float("-inf"))

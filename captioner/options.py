@@ -17,6 +17,9 @@ from typing import ClassVar
 # well as torch fp32 on this machine.
 BACKENDS = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
 DEFAULT_BACKEND = "auto"
+# Where models run: "auto" is the first CUDA GPU when there is one, else the CPU
+# (inference.resolve_device).
+DEFAULT_DEVICE = "auto"
 
 
 def setting(default, help=None, *, limits=None, open_limits=(False, False), choices=None, path=None,
@@ -52,6 +55,15 @@ class DecodeOptions:
                                             "into the caption with grounding).", limits=(0.05, 1.0))
     # The surest objects are forced first.
     max_concepts: int = setting(1, "At most this many objects forced into one caption.", limits=(0, 2))
+    # Loops of the decoder ("a white shirt and a white shirt"), never what a photo shows.
+    block_repeats: bool = setting(True, "Never repeat a word or a three-word phrase, nor end on 'a', 'with', 'of' "
+                                        "and the like.", flag="--block-repeats/--no-block-repeats")
+    # Negative evidence (evidence.banned_words): per ImageNet class of the concept, so that
+    # "dog" (118 breeds) needs more than "cat" (5 classes). Chosen on the dev sets: model card.
+    absent_threshold: float = setting(0.015, "Never say a word whose concept the classifier gives less than this "
+                                             "probability per ImageNet class it covers (0: off).", limits=(0.0, 0.05))
+    person_threshold: float = setting(0.7, "Never say people words when the person detector gives less than this "
+                                           "(0: off; models without a detector never ban them).", limits=(0.0, 1.0))
 
     LIMITS: ClassVar[dict]  # set below the class, from the fields
 
@@ -150,6 +162,11 @@ class TrainConfig:
     text_sample: float = setting(1.0, "Share of the --text-data captions drawn afresh for each epoch: less weighs "
                                       "the image-caption pairs more (and makes epochs shorter).",
                                  limits=(0, 1), open_limits=(True, False))
+    text_photos: str = setting(None, "Photos of objects (e.g. one per ImageNet class) for the --text-data captions: a "
+                                     "caption that names the concept a photo shows (the classifier's surest, p >= "
+                                     "0.5) is trained with that photo's feature instead of none, so that the decoder "
+                                     "learns how photos of things without people are described. Captions that name "
+                                     "people keep none.", path="dir")
     concepts: bool = setting(True, "Give the decoder the encoder classifier's concept vector.",
                              flag="--concepts/--no-concepts")
     feature_dropout: float = setting(0.0, "Share of training photos whose image feature is hidden (the concepts "
@@ -166,8 +183,8 @@ class TrainConfig:
                                   limits=(0, 1), open_limits=(False, True))
     split_file: str = setting(None, SPLIT_FILE_HELP, path="file")
     seed: int = setting(0)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK).",
-                          changeable=True)
+    device: str = setting(DEFAULT_DEVICE, "auto, cpu, cuda or cuda:N (under torchrun each process takes "
+                                          "cuda:LOCAL_RANK).", changeable=True)
     workers: int = setting(None, "Image-decoding worker processes.", limits=WORKERS_LIMITS, changeable=True)
     amp: bool = setting(True, "Mixed precision on CUDA.", flag="--amp/--no-amp", changeable=True)
     fine_tune_encoder: bool = setting(False, "Train the CNN too (slow on a CPU).", flag="--fine-tune-encoder")
@@ -223,6 +240,32 @@ class EvalConfig:
     batch_size: int = setting(64, limits=(1, None))
     val_fraction: float = setting(VAL_FRACTION, limits=(0, 1), open_limits=(False, True))
     split_file: str = setting(None, SPLIT_FILE_HELP, path="file")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """What `captioner calibrate` fits a model's person detector and caption confidence on
+    (evidence.py). The CLI's flags are generated from these fields."""
+    data: str = setting(None, "Captioned photos (any layout `train` reads): the person detector learns from its "
+                              "train split (does a caption name a person?), the confidence from its validation "
+                              "split.", path="any", required=True)
+    format: str = setting("auto", choices=DATA_FORMATS)
+    images: str = setting(None, path="dir")
+    val_fraction: float = setting(VAL_FRACTION, limits=(0, 1), open_limits=(False, True))
+    split_file: str = setting(None, SPLIT_FILE_HELP, path="file")
+    no_people: str = setting(None, "Photos with nobody in them, for the person detector (a folder, or a file that "
+                                   "lists one photo a line): captioned photos rarely show a scene without people.",
+                             path="any")
+    also: tuple = setting((), "More captioned photos to fit the confidence on (any layout; every image), e.g. a "
+                              "small set from the kind of photos you caption. Repeatable.", path="any")
+    out: str = setting(None, "Checkpoint to write: the model with its person detector and calibration.",
+                       required=True)
+    batch_size: int = setting(64, limits=(1, None))
+    cache_dir: str = setting(None, "Where image features are stored (default: ~/.cache/captioner or "
+                                   "$CAPTIONER_CACHE).")
 
     def __post_init__(self):
         check_settings(self)

@@ -16,7 +16,9 @@ import re
 
 log = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("jsonl", "csv", "txt")
-CSV_COLUMNS = ["path", "caption", "score", "objects", "error"]
+CSV_COLUMNS = ["path", "caption", "score", "confidence", "objects", "error"]
+# What txt says in place of a caption withheld by --min-confidence.
+LOW_CONFIDENCE_TEXT = "[low confidence]"
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 TXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -32,6 +34,18 @@ def csv_cell(value):
     """A CSV cell a spreadsheet shows as text: a leading formula character gets a ' before it."""
     text = str(value)
     return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def caption_record(path, result, min_confidence=None):
+    """The record of one captioned file (`result`: a Captioner result). A caption whose
+    confidence is under `min_confidence` is withheld: "caption" null and "low_confidence"
+    true, the record kept, so that nothing goes missing silently and an archive can send
+    exactly these photos to a person."""
+    record = {"path": path, "caption": result["caption"], "score": result["score"],
+              "confidence": result["confidence"], "objects": result["objects"]}
+    if min_confidence is not None and result["confidence"] is not None and result["confidence"] < min_confidence:
+        record["caption"], record["low_confidence"] = None, True
+    return record
 
 
 class RecordWriter:
@@ -53,10 +67,12 @@ class RecordWriter:
             self.stream.write(line + "\n")
         elif self.fmt == "csv":
             objects = "; ".join(f"{o['word']} ({o['label']}) {o['p']:.2f}" for o in record.get("objects", []))
-            self.csv.writerow([csv_cell(record["path"]), csv_cell(record.get("caption", "")),
-                               record.get("score", ""), csv_cell(objects), csv_cell(record.get("error", ""))])
+            confidence = record.get("confidence")
+            self.csv.writerow([csv_cell(record["path"]), csv_cell(record.get("caption") or ""),
+                               record.get("score", ""), "" if confidence is None else confidence, csv_cell(objects),
+                               csv_cell(record.get("error", ""))])
         else:
-            text = record["caption"] if "caption" in record else f"ERROR: {record['error']}"
+            text = f"ERROR: {record['error']}" if "error" in record else record["caption"] or LOW_CONFIDENCE_TEXT
             self.stream.write(f"{record['path'].translate(TXT_ESCAPES)}\t{text.translate(TXT_ESCAPES)}\n")
         self.stream.flush()
 

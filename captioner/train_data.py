@@ -3,7 +3,8 @@ process's training batches and its share of the validation images:
 
 - `FeatureBatches`: with the encoder frozen (the default), image features come from the
   feature store (features.py), computed once; captions without images (--text-data) are
-  mixed in, each with a concept vector drawn from its own words.
+  mixed in, each with a concept vector drawn from its own words, or with a photo of what it
+  names (--text-photos).
 - `ImageBatches`: with --fine-tune-encoder, a DataLoader of augmented photos.
 
 Both are shaped like a DataLoader: `len()` is the steps of an epoch, `set_epoch(epoch)`
@@ -20,9 +21,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .chair import mentioned_objects
 from .data import Record, read_dataset, read_text_captions
 from .features import compute_features, encode_missing
-from .images import ImageError, image_loader, load_image, train_transform
+from .images import ImageError, find_images, image_loader, load_image, train_transform
 from .machine import DEFAULT_CACHE_DIR, decoding_workers
 from .vocab import PAD_ID, UNK_ID
 
@@ -37,6 +39,8 @@ NAMED_CONCEPT_LOW = 0.3
 NAMED_CONCEPT_MISS = 0.15
 DISTRACTOR_SHARE = 0.5
 DISTRACTOR_HIGH = 0.25
+# A --text-photos photo stands for the concept its classifier gives at least this much.
+SURE_PHOTO_CONCEPT = 0.5
 
 
 def read_training_records(config):
@@ -111,11 +115,13 @@ class FeatureBatches:
     classifier's concepts; a text row gets a zero feature and noisy_concepts of its words.
     Yields (features, concepts or None, tokens, 0) on the features' device."""
 
-    def __init__(self, features, concepts, image_idx, tokens, text_tokens, text_concepts, config, procs):
+    def __init__(self, features, concepts, image_idx, tokens, text_tokens, text_concepts, config, procs,
+                 text_photos=None):
         """features, concepts: (images, D) and (images, C) or None, on the model's device;
         image_idx, tokens: each caption's image and tokens; text_tokens and text_concepts
-        (concept lists): the text-only captions."""
+        (concept lists): the text-only captions; text_photos: TextPhotos or None."""
         self.features, self.concepts, self.text_concepts = features, concepts, text_concepts
+        self.text_photos = text_photos
         self.n_pairs, self.n_text = len(image_idx), len(text_tokens)  # rows from n_pairs on are text
         self.image_idx = torch.cat([image_idx, torch.full((self.n_text,), -1, dtype=torch.long)])
         self.tokens = torch.cat([tokens, text_tokens])
@@ -155,7 +161,42 @@ class FeatureBatches:
         if len(text_rows):
             lists = [self.text_concepts[int(rows[r]) - self.n_pairs] for r in text_rows]
             concepts[text_rows.to(device)] = noisy_concepts(lists, self.concepts.shape[1]).to(device)
+        if self.text_photos is not None and len(text_rows):
+            self.text_photos.fill(features, concepts, text_rows, rows[text_rows] - self.n_pairs, self.feature_dropout)
         return features, concepts, self.tokens[rows], 0
+
+
+class TextPhotos:
+    """Photos for text-only captions (--text-photos): a caption that names the concept a
+    photo shows, and no person, is trained with a random one of those photos' features and
+    their classifier concepts, as a photo of the scene would give them."""
+
+    def __init__(self, features, concepts, text_tokens, text_concepts, vocab):
+        """features, concepts: the photos' (P, D) and (P, C); text_tokens, text_concepts:
+        the text-only captions' tokens and concept lists."""
+        self.features, self.concepts = features, concepts
+        p, top = concepts.max(dim=1)
+        by_concept = {}
+        for i in (p >= SURE_PHOTO_CONCEPT).nonzero().flatten().tolist():
+            by_concept.setdefault(int(top[i]), []).append(i)
+        self.candidates = []  # per text caption, the photos it may go with
+        for row, named in zip(text_tokens.tolist(), text_concepts, strict=True):
+            words = " ".join(vocab.itos[i] for i in row if i > UNK_ID)
+            people = "person" in mentioned_objects(words)  # a photo of an object shows nobody
+            self.candidates.append([] if people else [i for c in named for i in by_concept.get(c, [])])
+        self.paired = sum(1 for c in self.candidates if c)
+
+    def fill(self, features, concepts, batch_rows, text_index, feature_dropout):
+        """Give the batch's text rows (`batch_rows`, their text captions `text_index`) a
+        photo where they have one; its feature is hidden for a `feature_dropout` share."""
+        for r, t in zip(batch_rows.tolist(), text_index.tolist(), strict=True):
+            options = self.candidates[t]
+            if not options:
+                continue
+            k = options[int(torch.randint(len(options), ()))]
+            concepts[r] = self.concepts[k]
+            if float(torch.rand(())) >= feature_dropout:
+                features[r] = self.features[k]
 
 
 class PairsWithImages(Dataset):
@@ -267,9 +308,25 @@ def load_data(config, model, vocab, train_set, val_set, text_captions, device, p
     text_tokens = tokenize_captions([Record(Path(), text_captions)], vocab, config.max_caption_length)[1] \
         if text_captions else torch.empty(0, config.max_caption_length + 2, dtype=torch.long)
     text_concepts = text_concept_lists(model.concepts, text_tokens, vocab) if model.config.num_concepts else []
+    text_photos = load_text_photos(config, model, text_tokens, text_concepts, vocab, device, procs) \
+        if config.text_photos and text_concepts else None
     batches = FeatureBatches(train_features, train_concepts, image_idx, tokens, text_tokens, text_concepts, config,
-                             procs)
+                             procs, text_photos)
     return batches, validation
+
+
+def load_text_photos(config, model, text_tokens, text_concepts, vocab, device, procs):
+    """The --text-photos folder's features (from the feature store) as TextPhotos."""
+    paths = find_images([Path(config.text_photos)], recursive=True)
+    features, ok = stored_features(config, model, paths, device, procs)
+    features = features[torch.tensor(ok, dtype=torch.bool)]
+    with torch.inference_mode():
+        concepts = model.decoder_concepts(model.classify_features(features))
+    photos = TextPhotos(features, concepts, text_tokens, text_concepts, vocab)
+    if procs.main:
+        log.info("--text-photos: %d of %d text-only captions go with one of %d photos", photos.paired,
+                 len(text_concepts), len(features))
+    return photos
 
 
 def stored_features(config, model, paths, device, procs):

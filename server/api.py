@@ -108,7 +108,7 @@ def captions():
     return jsonify({
         "model": _worker()["captioner"].name,
         "results": [{"filename": filename, "caption": r["caption"], "score": r["score"],
-                     "alternatives": r["alternatives"], "objects": r["objects"]}
+                     "confidence": r["confidence"], "alternatives": r["alternatives"], "objects": r["objects"]}
                     for (filename, _), r in zip(uploads, results, strict=True)],
         "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
     })

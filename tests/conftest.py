@@ -21,7 +21,7 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
-WORDS = "a cat dog sits on the chair cup of coffee rocket launch pad woman in space suit".split()
+WORDS = "a cat floor sits on the chair hot of coffee rocket launch pad woman in space suit".split()
 
 
 @pytest.fixture(scope="session")
@@ -107,8 +107,8 @@ def png_1bit(width, height, rows=None):
 
 # What `trained_model` learns to say about each photo of `photos`.
 PHOTO_CAPTIONS = {
-    "cat": "a cat sits on the chair",
-    "coffee": "a cup of coffee",
+    "cat": "a cat sits on the floor",
+    "coffee": "a hot coffee",
     "rocket": "a rocket on the launch pad",
     "astronaut": "a woman in a space suit",
 }
@@ -198,6 +198,22 @@ def trained_checkpoint(tmp_path_factory, trained_model, tiny_vocab):
     """`trained_model` saved as a checkpoint file (a session-wide tmp dir: do not modify it)."""
     path = tmp_path_factory.mktemp("trained") / "trained.safetensors"
     save_checkpoint(path, trained_model, tiny_vocab, {"name": "trained-test"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def calibrated_checkpoint(tmp_path_factory, trained_model, tiny_vocab):
+    """`trained_model` with a person head and a calibration (confidence = sigmoid(score + 3)),
+    saved as a checkpoint file."""
+    from captioner.evidence import Calibration, PersonHead
+
+    path = tmp_path_factory.mktemp("calibrated") / "calibrated.safetensors"
+    torch.manual_seed(0)
+    model = CaptionModel(trained_model.config)
+    model.decoder.load_state_dict(trained_model.decoder.state_dict())
+    model.person_head = PersonHead(model.config.feature_dim)
+    model.calibration = Calibration([1.0, 0, 0, 0, 0, 0], 3.0, fitted_on="a test")
+    save_checkpoint(path, model.eval(), tiny_vocab, {"name": "calibrated-test"})
     return path
 
 

@@ -13,9 +13,16 @@ if not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true":
     pytest.skip("chromium and chromium-driver are not installed (make chromium)", allow_module_level=True)
 
 
+@pytest.fixture(scope="module")
+def calibrated_captioner(calibrated_checkpoint):
+    from captioner.inference import Captioner
+
+    return Captioner.from_pretrained(calibrated_checkpoint, device="cpu")
+
+
 @pytest.fixture
-def live_server(tiny_captioner):
-    server = make_server("127.0.0.1", 0, create_app({"CAPTIONER": tiny_captioner}), threaded=True)
+def live_server(calibrated_captioner):
+    server = make_server("127.0.0.1", 0, create_app({"CAPTIONER": calibrated_captioner}), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -62,6 +69,9 @@ def test_upload_a_photo_and_see_its_caption(live_server, browser, photos, tmp_pa
     tags = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#objects li")]
     assert tags and tags[0].startswith("cat ")  # the detected object, shown as a tag
     assert "cat" in caption.text.split()  # grounding is on by default
+    confidence = browser.find_element(By.ID, "confidence")
+    assert confidence.text.startswith("Confidence ") and "%" in confidence.text
+    assert confidence.get_attribute("data-level") in ("high", "medium", "low")
     browser.save_screenshot(str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").stat().st_size > 1000
     shutil.copy(tmp_path / "page.png", os.environ.get("CAPTIONER_SCREENSHOT", tmp_path / "page-copy.png"))

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner import Captioner, CheckpointError, ImageError, load_model, save_checkpoint
 from captioner.checkpoint import FORMAT_VERSION, read_checkpoint
+from captioner.evidence import PERSON_WORDS
 from captioner.images import preprocess
 from captioner.model import CaptionModel, ModelConfig
 
@@ -193,8 +194,11 @@ def test_shipped_weights_load_and_caption(photos):
     captioner = Captioner.from_pretrained(device="cpu")  # weights/model.safetensors
     result = captioner.caption(photos["astronaut"])
     assert result["caption"].strip() and len(result["caption"].split()) <= 20
-    assert captioner.name == "show-and-tell-open-lite0"
+    assert captioner.name == "show-and-tell-honest-lite0"
     # Open-world captions: the cat is a cat and the espresso is coffee, by default.
     cat, coffee = captioner.caption([photos["cat"], photos["coffee"]])
     assert "cat" in cat["caption"].split() and cat["objects"][0]["word"] == "cat"
     assert {"coffee", "cup", "mug"} & set(coffee["caption"].split())
+    # Honest captions: nobody and no dog in the coffee; every caption says how sure it is.
+    assert not set(coffee["caption"].split()) & {*PERSON_WORDS, "dog", "dogs", "puppy"}, coffee["caption"]
+    assert all(0.0 <= r["confidence"] <= 1.0 for r in (result, cat, coffee))

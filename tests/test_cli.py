@@ -44,7 +44,7 @@ def test_folder_with_good_and_broken_files(image_folder, trained_checkpoint):
         assert set(records[name]) == {"path", "error"} and records[name]["error"]
     assert "empty" in records["empty.jpg"]["error"] and "not an image" in records["random.png"]["error"]
     for name in GOOD:
-        assert set(records[name]) == {"path", "caption", "score", "objects"}
+        assert set(records[name]) == {"path", "caption", "score", "confidence", "objects"}
         assert records[name]["caption"] == EXPECTED[name] and isinstance(records[name]["score"], float)
     assert "3 of 6 files could not be captioned" in result.stderr
 
@@ -80,7 +80,8 @@ def test_output_formats_and_output_file(tmp_path, image_folder, trained_checkpoi
     assert records[0]["caption"] == PHOTO_CAPTIONS["cat"] and "error" in records[1]
     # csv on stdout
     result = run("caption", files[0], "--format", "csv", *common)
-    assert next(csv.reader(io.StringIO(result.stdout))) == ["path", "caption", "score", "objects", "error"]
+    assert next(csv.reader(io.StringIO(result.stdout))) == [
+        "path", "caption", "score", "confidence", "objects", "error"]
     # --output in a folder that does not exist yet; one that cannot be made is a clear error
     result = run("caption", files[0], "--output", tmp_path / "new" / "dir" / "out.jsonl", *common)
     assert result.exit_code == 0 and _records((tmp_path / "new" / "dir" / "out.jsonl").read_text())[0]["caption"]
@@ -224,7 +225,7 @@ def test_resume_other_formats(tmp_path, image_folder, trained_checkpoint, fmt):
     assert text.startswith(first)
     if fmt == "csv":
         rows = list(csv.reader(io.StringIO(text)))
-        assert rows[0] == ["path", "caption", "score", "objects", "error"] and rows.count(rows[0]) == 1
+        assert rows[0] == ["path", "caption", "score", "confidence", "objects", "error"] and rows.count(rows[0]) == 1
         paths = [r[0] for r in rows[1:]]
     else:
         paths = [line.split("\t")[0] for line in text.splitlines()]
@@ -377,3 +378,32 @@ def test_encoder_batches_are_bounded(trained_captioner, photos, monkeypatch):
     pixels = torch.stack([preprocess(img) for img in photos.values()] * 2)  # 8 images
     results = trained_captioner.caption_pixels(pixels)
     assert seen == [2, 2, 2, 2] and [r["caption"] for r in results[:4]] == list(PHOTO_CAPTIONS.values())
+
+
+def test_confidence_in_every_format_and_min_confidence(tmp_path, image_folder, calibrated_checkpoint,
+                                                       trained_checkpoint):
+    files = [str(image_folder / "cat.jpg"), str(image_folder / "coffee.JPG")]
+    base = ["caption", *files, "--weights", str(calibrated_checkpoint)]
+    records = _records(CliRunner().invoke(main, base).stdout)
+    assert all(0.0 <= r["confidence"] <= 1.0 and "low_confidence" not in r for r in records)
+    assert [r["caption"] for r in records] == [PHOTO_CAPTIONS["cat"], PHOTO_CAPTIONS["coffee"]]
+    rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(main, base + ["--format", "csv"]).stdout)))
+    assert [float(r["confidence"]) for r in rows] == [r["confidence"] for r in records]
+    # Above everyone's confidence: every caption withheld, every record kept and marked.
+    cut = max(r["confidence"] for r in records) + 1e-4
+    result = CliRunner().invoke(main, base + ["--min-confidence", str(cut)])
+    assert result.exit_code == 0
+    withheld = _records(result.stdout)
+    assert [(r["path"], r["caption"], r["low_confidence"]) for r in withheld] == [(f, None, True) for f in files]
+    assert [r["confidence"] for r in withheld] == [r["confidence"] for r in records]
+    txt = CliRunner().invoke(main, base + ["--min-confidence", str(cut), "--format", "txt"]).stdout.splitlines()
+    assert txt == [f"{f}\t[low confidence]" for f in files]
+    rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(main, base + ["--min-confidence", str(cut),
+                                                                            "--format", "csv"]).stdout)))
+    assert [r["caption"] for r in rows] == ["", ""] and all(r["confidence"] for r in rows)
+    # A model without a calibration gives no confidence: --min-confidence is refused.
+    plain = CliRunner().invoke(main, ["caption", files[0], "--weights", str(trained_checkpoint)])
+    assert _records(plain.stdout)[0]["confidence"] is None
+    refused = CliRunner().invoke(main, ["caption", files[0], "--weights", str(trained_checkpoint),
+                                        "--min-confidence", "0.5"])
+    assert refused.exit_code == 2 and "calibrate" in refused.output

@@ -97,7 +97,7 @@ def test_ray_parquet_and_files_from(local_ray, tmp_path, image_folder, trained_c
                  "--weights", trained_checkpoint, "--backend", "torch", "--beam-size", 2)
     assert result.exit_code == 1, result.output
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
-    assert rows[str(image_folder / "cat.jpg")]["caption"] == "a cat sits on the chair"
+    assert rows[str(image_folder / "cat.jpg")]["caption"] == "a cat sits on the floor"
     assert json.loads(rows[str(image_folder / "cat.jpg")]["objects"])[0]["word"] == "cat"
     assert "no such file" in rows[str(image_folder / "missing.jpg")]["error"]
 
@@ -109,7 +109,7 @@ def test_ray_reads_and_writes_uris(local_ray, tmp_path, image_folder, trained_ch
                  "--backend", "torch")
     assert result.exit_code == 1, result.output
     records = {r["path"]: r for r in shard_records(out)}
-    assert records[f"file://{image_folder}/cat.jpg"]["caption"] == "a cat sits on the chair"
+    assert records[f"file://{image_folder}/cat.jpg"]["caption"] == "a cat sits on the floor"
     assert len(records) == 6 and "empty file" in records[f"file://{image_folder}/empty.jpg"]["error"]
 
 

@@ -159,5 +159,5 @@ def test_concept_outside_the_vocabulary_is_skipped(tiny_model, tiny_vocab, photo
 def test_results_are_json(trained_captioner, photos):
     result = trained_captioner.caption(photos["coffee"], n_best=2, beam_size=2)
     json.dumps(result)
-    assert set(result) == {"caption", "score", "log_prob", "alternatives", "objects"}
+    assert set(result) == {"caption", "score", "log_prob", "confidence", "alternatives", "objects"}
     assert all(set(o) == {"label", "word", "p"} for o in result["objects"])

@@ -135,7 +135,8 @@ def test_decode_features_result_shape_and_validation(trained_model, tiny_vocab, 
     results = decode_features(trained_model, tiny_vocab, photo_features, DecodeOptions(beam_size=3, n_best=3))
     assert [r["caption"] for r in results] == list(PHOTO_CAPTIONS.values())
     for r in results:
-        assert set(r) == {"caption", "score", "log_prob", "alternatives", "objects"} and len(r["alternatives"]) == 2
+        assert set(r) == {"caption", "score", "log_prob", "confidence", "alternatives", "objects"}
+        assert len(r["alternatives"]) == 2 and r["confidence"] is None  # the tiny model has no calibration
         assert all(r["score"] >= a["score"] for a in r["alternatives"])
     greedy = decode_features(trained_model, tiny_vocab, photo_features, DecodeOptions(beam_size=1))
     assert greedy[0]["alternatives"] == []
@@ -188,8 +189,8 @@ def _reference_step(decoder, tokens, state, context=None):
 
 @torch.no_grad()
 def reference_beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7,
-                          concepts=None, constraints=None):
-    from captioner.model import _mask_logprobs, _strip, reorder_state
+                          concepts=None, constraints=None, banned=None, repeat_rules=None):
+    from captioner.model import _mask_logprobs, _strip, block_repeats, reorder_state
 
     B, K, V = features.size(0), beam_size, decoder.config.vocab_size
     M = max((len(c) for c in constraints), default=0) if constraints else 0
@@ -217,6 +218,10 @@ def reference_beam_search(decoder, features, beam_size=3, max_length=20, n_best=
     for t in range(max_length + 1):
         logp, state = _reference_step(decoder, tokens, state, context)
         logp = _mask_logprobs(logp, t, max_length)
+        if banned is not None:
+            logp += per_row(banned)
+        if repeat_rules is not None:
+            logp = block_repeats(logp, history if t else None, tokens, t, max_length, repeat_rules)
         logp[finished] = float("-inf")
         logp[finished, PAD_ID] = 0.0
         candidates = scores.view(B, S, K, 1) + logp.view(B, S, K, V)
@@ -291,11 +296,18 @@ def test_beam_search_matches_the_full_search_on_the_shipped_model(shipped):
     forced = [{ids["cat"], ids["cats"]}, {ids["dog"]}, {ids["man"], ids["woman"]}, {ids["water"]}, {ids["red"]}]
     one = [[forced[i % 5]] for i in range(len(features))]
     mixed = [[forced[i % 5], forced[(i + 2) % 5]][:i % 3] for i in range(len(features))]
-    for beam_size, n_best, max_length, constraints in [
-            (3, 1, 20, None), (3, 3, 20, one), (3, 2, 20, mixed), (1, 1, 20, mixed), (5, 5, 20, None),
-            (10, 2, 16, one), (2, 2, 3, mixed)]:  # max_length 3: every image runs out of room
+    # Bans and repeat blocks too: people words banned for every other image, endings on "a".
+    banned = torch.zeros(len(features), len(captioner.vocab))
+    banned[::2, [ids["man"], ids["woman"], ids["people"]]] = float("-inf")
+    from captioner.evidence import repeat_rules_for
+
+    blocks = dict(banned=banned, repeat_rules=repeat_rules_for(captioner.vocab, features.device))
+    for beam_size, n_best, max_length, constraints, extra in [
+            (3, 1, 20, None, {}), (3, 3, 20, one, {}), (3, 2, 20, mixed, {}), (1, 1, 20, mixed, {}),
+            (5, 5, 20, None, {}), (10, 2, 16, one, {}), (2, 2, 3, mixed, {}),  # max_length 3: all run out of room
+            (3, 3, 20, None, blocks), (3, 2, 20, mixed, blocks), (2, 2, 4, one, blocks)]:
         kwargs = dict(beam_size=beam_size, n_best=n_best, max_length=max_length, concepts=concepts,
-                      constraints=constraints)
+                      constraints=constraints, **extra)
         got = beam_search(model.decoder, features, **kwargs)
         _same_hypotheses(got, reference_beam_search(model.decoder, features, **kwargs))
         assert all(len(h) == n_best for h in got)

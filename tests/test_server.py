@@ -379,3 +379,19 @@ def test_request_pixel_budget(tiny_captioner, photos):
     assert post(client, [(f"{i}.jpg", cat, None) for i in range(3)]).status_code == 200
     r = post(client, [(f"{i}.jpg", cat, None) for i in range(4)])
     assert "limit per request is 500,000" in assert_error(r, 413, "too_many_pixels")
+
+
+def test_confidence_in_every_result_and_the_openapi_schema(calibrated_checkpoint, client, photos):
+    from captioner.inference import Captioner
+
+    spec = client.get("/openapi.json").get_json()
+    result = spec["components"]["schemas"]["Captions"]["properties"]["results"]["items"]
+    assert "confidence" in result["required"] and result["properties"]["confidence"]["maximum"] == 1
+    # The tiny model has no calibration: its results say null.
+    body = post(client, [("cat.jpg", image_bytes(photos["cat"]), None)]).get_json()
+    assert body["results"][0]["confidence"] is None
+    calibrated = create_app({"CAPTIONER": Captioner.from_pretrained(calibrated_checkpoint, device="cpu")})
+    files = [("cat.jpg", image_bytes(photos["cat"]), None), ("coffee.png", image_bytes(photos["coffee"], "PNG"), None)]
+    response = post(calibrated.test_client(), files)
+    assert response.status_code == 200
+    assert all(0.0 <= r["confidence"] <= 1.0 for r in response.get_json()["results"])

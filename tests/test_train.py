@@ -382,6 +382,37 @@ def test_evaluate_a_run_on_its_own_split(tmp_path, dataset, feature_cache, monke
     assert result.exit_code == 2 and "give --data" in result.output
 
 
+def test_text_photos_pair_text_captions_with_photos_of_what_they_name(tmp_path, dataset, feature_cache, photos):
+    """--text-photos: a text-only caption that names the concept a photo shows is trained
+    with that photo's feature; one that names people, or nothing a photo shows, keeps none."""
+    from captioner.options import TrainConfig
+    from captioner.train import Processes, build_model
+    from captioner.train_data import load_data, read_training_records
+
+    folder = tmp_path / "objects"
+    folder.mkdir()
+    photos["cat"].save(folder / "cat.jpg")
+    photos["coffee"].save(folder / "espresso.jpg")
+    text = tmp_path / "text.txt"
+    text.write_text("a cat sleeps on a sofa\na man holds a cat\na cup of coffee on a table\na zebra in a field\n")
+    config = TrainConfig(data=dataset, out=tmp_path / "run", cache_dir=feature_cache, embed_dim=32, hidden_dim=32,
+                         min_word_count=1, batch_size=64, workers=0, text_data=[text], text_photos=folder,
+                         backend="torch")
+    train_set, val_set, text_captions = read_training_records(config)
+    cpu = torch.device("cpu")
+    model, vocab = build_model(config, train_set, text_captions, None, cpu)
+    batches, _ = load_data(config, model, vocab, train_set, val_set, text_captions, cpu, Processes())
+    assert [len(c) for c in batches.text_photos.candidates] == [1, 0, 1, 0] and batches.text_photos.paired == 2
+    batches.set_epoch(0)
+    ((features, concepts, tokens, _),) = list(batches)
+    assert len(tokens) == 6 + 4  # 3 photos x 2 captions and the text
+    assert int((features.abs().sum(1) > 0).sum()) == 6 + 2  # the photos' rows and the two paired text rows
+    plain, _ = load_data(config.replace(text_photos=None), model, vocab, train_set, val_set, text_captions, cpu,
+                         Processes())
+    plain.set_epoch(0)
+    assert int((next(iter(plain))[0].abs().sum(1) > 0).sum()) == 6
+
+
 def test_every_tensor_the_model_sees_is_on_its_device(tmp_path, dataset, feature_cache, monkeypatch):
     """The meta device stands in for a GPU: an op that mixes a CPU tensor into a meta
     model's weights raises, as on CUDA ("Expected all tensors to be on the same device"),

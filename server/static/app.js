@@ -13,6 +13,7 @@ async function captionFile(file) {
   $("alternatives").replaceChildren();
   $("objects").replaceChildren();
   $("meta").textContent = "";
+  $("confidence").textContent = "";
   const form = new FormData();
   form.append("image", file, file.name);
   const query = new URLSearchParams({
@@ -25,6 +26,13 @@ async function captionFile(file) {
     const result = body.results[0];
     $("caption").textContent = result.caption;
     $("caption").dataset.state = "done";
+    // confidence: the chance that the caption names nothing that is not in the photo.
+    if (result.confidence !== null && result.confidence !== undefined) {
+      const pct = Math.round(result.confidence * 100);
+      $("confidence").textContent = `Confidence ${pct}%: how likely it is that the caption names nothing that ` +
+        "is not in the photo";
+      $("confidence").dataset.level = result.confidence >= 0.7 ? "high" : result.confidence >= 0.4 ? "medium" : "low";
+    }
     for (const obj of result.objects) {
       const tag = document.createElement("li");
       tag.textContent = `${obj.word} ${Math.round(obj.p * 100)}%`;
