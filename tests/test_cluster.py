@@ -138,3 +138,13 @@ def test_records_written_twice_are_dropped(tmp_path, fmt):
             (tmp_path / f"{name}.json").write_text("".join(json.dumps({"path": p}) + "\n" for p in paths))
     drop_duplicates(tmp_path, fmt)
     assert sorted(r["path"] for r in read_shards(tmp_path, fmt)) == ["x", "y", "z"]
+
+
+def test_ray_confidence_and_min_confidence(local_ray, tmp_path, image_folder, calibrated_checkpoint):
+    out = tmp_path / "withheld"
+    result = run(image_folder / "cat.jpg", image_folder / "coffee.JPG", "--engine", "ray", "-o", out,
+                 "--weights", calibrated_checkpoint, "--backend", "torch", "--min-confidence", 1.0)
+    assert result.exit_code == 0, result.output
+    records = shard_records(out)
+    assert len(records) == 2  # every record kept, each caption withheld and marked
+    assert all(r["caption"] is None and r["low_confidence"] and 0.0 <= r["confidence"] < 1.0 for r in records)
