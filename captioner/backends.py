@@ -112,8 +112,8 @@ def load_backend(encoder, backend=DEFAULT_BACKEND, device=torch.device("cpu"), c
         if not onnxruntime_available():
             raise ValueError(f"backend {chosen} needs onnxruntime: pip install onnxruntime onnx")
     if backend == "auto":
-        log.info("encoder backend: %s (auto on %s%s)", chosen, device,
-                 ", native bf16" if device.type == "cpu" and cpu_has_native_bf16() else "")
+        why = ": this CPU computes bf16 natively" if chosen == "torch-bf16" else ""
+        log.info("encoder backend: %s (auto's choice on %s%s)", chosen, device, why)
     if chosen == "torch":
         return TorchEncoder(encoder, device)
     if chosen == "torch-bf16":

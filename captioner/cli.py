@@ -226,6 +226,9 @@ def _caption_on_ray(inputs, recursive, output, fmt, resume, decode, min_confiden
 
     if not output:
         raise click.UsageError("--engine ray writes sharded files: give an --output folder")
+    if decode.n_best > 1:
+        raise click.UsageError("--n-best: the Ray engine writes one caption a file; use the local engine for "
+                               "alternatives")
     _setup_logging()
     try:
         summary = caption_with_ray(inputs, output, fmt, decode, recursive=recursive, resume=resume,
@@ -253,6 +256,8 @@ def _caption_locally(inputs, recursive, output, fmt, resume, decode, min_confide
 
     _setup_logging()
     fmt = _local_format(output, fmt)
+    if decode.n_best > 1 and fmt != "jsonl":
+        raise click.UsageError(f"--n-best: only jsonl records hold alternatives; {fmt} has one caption a file")
     files = _files_to_caption(inputs, recursive, output)
     append = bool(resume and output.is_file() and output.stat().st_size)
     if append:
@@ -307,6 +312,9 @@ def _not_yet_recorded(files, output, fmt):
     except RecordError as e:
         raise click.ClickException(str(e)) from None
     todo = [f for f in files if str(f) not in done]
+    if not todo:
+        click.echo(f"--resume: all {len(files)} files are already captioned in {output}; nothing to do", err=True)
+        sys.exit(EXIT_OK)
     click.echo(f"--resume: {len(files) - len(todo)} of {len(files)} files already in {output}; "
                f"captioning the other {len(todo)}", err=True)
     return todo
@@ -484,6 +492,26 @@ def calibrate(weights, values, given, device, workers, backend):
     click.echo(f"model written to {config.out}")
 
 
+def _check_port_free(host, port):
+    """Fail with one clear line when host:port cannot be bound, before gunicorn starts (it
+    would print its banner, then retry for seconds)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise click.UsageError(f"--host {host}: {e.strerror}")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            click.echo(f"Error: cannot serve on {host}:{port}: {e.strerror or e} (is another server using it? "
+                       "choose another --port)", err=True)
+            sys.exit(EXIT_OUTPUT_ERROR)
+
+
 def _run_data_settings(run, given):
     """The data settings of the training run in the folder `run` that no given flag sets."""
     from .run_state import stored_config
@@ -602,6 +630,7 @@ def serve(host, port, workers, weights, device, backend):
     import server
 
     conf = Path(server.__file__).resolve().parent / "gunicorn.conf.py"
+    _check_port_free(host, port)
     workers = workers or default_server_workers()
     env = {**os.environ, "CAPTIONER_DEVICE": device, "CAPTIONER_WORKERS": str(workers),
            "CAPTIONER_BACKEND": backend}

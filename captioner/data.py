@@ -82,9 +82,15 @@ def read_dataset(path, format="auto", images=None, val_fraction=VAL_FRACTION, sp
     reader = {"flickr8k": read_flickr8k, "karpathy": read_karpathy, "coco": read_coco,
               "csv": read_csv, "jsonl": read_jsonl, "folder": read_folder}[fmt]
     records = reader(path, images) if fmt != "folder" else reader(path)
-    records = _drop_missing_images(records, path)
-    if not records:
+    found = _drop_missing_images(records, path)
+    if not found and records:
+        folders = sorted({str(r.image.parent) for r in records})
+        raise DataError(f"{path}: none of the {len(records)} captioned images is there: looked in "
+                        f"{', '.join(folders[:3])}{' ...' if len(folders) > 3 else ''}; give the image folder with "
+                        "--images")
+    if not found:
         raise DataError(f"{path}: the dataset is empty (no image with a caption)")
+    records = found
     if split_file:
         records = apply_split_file(records, split_file)
     elif not any(r.split for r in records):
@@ -129,7 +135,8 @@ def _drop_missing_images(records, source):
     missing = len(records) - len(kept)
     if missing:
         example = next(r.image for r in records if not r.image.is_file())
-        log.warning("%s: skipped %d captioned images whose file is missing (e.g. %s)", source, missing, example)
+        log.warning("%s: skipped %d captioned images whose file is missing (e.g. %s; the image folder can be "
+                    "given with --images)", source, missing, example)
     return kept
 
 

@@ -8,8 +8,10 @@ says which tokenizer was used. SPICE is not offered: it downloads models at run 
 """
 import contextlib
 import io
+import os
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 
 from .vocab import tokenize
@@ -24,6 +26,21 @@ def java_available():
         return subprocess.run([java, "-version"], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 for the block: the PTB tokenizer's Java process reports its
+    speed there ("PTBTokenizer tokenized 891 tokens at ..."), which is no news to a user."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def score_captions(predictions, references, use_java=None, cider_only=False):
@@ -45,8 +62,9 @@ def score_captions(predictions, references, use_java=None, cider_only=False):
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tokenizer = PTBTokenizer()
-        gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
-        res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
+        with _quiet_stderr():
+            gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+            res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
     else:
         gts = {k: [" ".join(tokenize(c)) for c in refs] for k, refs in references.items()}
         res = {k: [" ".join(tokenize(predictions[k]))] for k in references}

@@ -457,6 +457,7 @@ def plot_curves(metrics_file, png, select_metric):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [json.loads(line) for line in open(metrics_file)]
     epochs = [r["epoch"] for r in rows]
@@ -471,6 +472,8 @@ def plot_curves(metrics_file, png, select_metric):
     b.axvline(best, color="grey", linestyle="--", label=f"best (epoch {best})")
     b.set(title="validation (beam-decoded)", xlabel="epoch")
     b.legend()
+    for ax in (a, b):  # epochs are whole numbers
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)

@@ -123,6 +123,8 @@ def test_recursive_and_explicit_files(image_folder, trained_checkpoint):
     (["{tmp}", "--beam-size", "0"], "--beam-size"),
     (["{tmp}", "--beam-size", "2", "--n-best", "3"], "must not exceed beam_size"),
     (["{tmp}", "--n-best", "6"], "--n-best"),
+    (["{tmp}", "--n-best", "2", "--format", "csv"], "only jsonl records hold alternatives"),
+    (["{tmp}", "--n-best", "2", "--format", "txt"], "only jsonl records hold alternatives"),
     (["{tmp}", "--max-length", "51"], "--max-length"),
     (["{tmp}", "--concept-threshold", "2"], "--concept-threshold"),
     (["{tmp}", "--weights", "{tmp}/missing.safetensors"], "does not exist"),
@@ -210,7 +212,7 @@ def test_killed_run_resumes_and_captions_every_file_once(tmp_path, many_photos, 
     assert len(paths) == 48 and set(paths) == {str(p) for p in many_photos.iterdir()}  # each exactly once
     assert all(r["caption"] in PHOTO_CAPTIONS.values() for r in records)
     result = run("caption", many_photos, "-o", out, "--resume", "--weights", trained_checkpoint, "--workers", 0)
-    assert result.exit_code == 0 and "48 of 48 files already" in result.stderr  # nothing left to do
+    assert result.exit_code == 0 and "all 48 files are already captioned" in result.stderr  # nothing left to do
     assert len(_records(out.read_text())) == 48
 
 
@@ -306,7 +308,7 @@ def test_txt_and_csv_escaping(tmp_path, photos, trained_checkpoint):
     assert f"{folder}/new\\nline.jpg\t" in txt[1] + txt[2]
     out = tmp_path / "out.txt"
     run("caption", folder, "-o", out, *common)
-    assert "3 of 3 files already" in run("caption", folder, "-o", out, "--resume", *common).stderr  # read back
+    assert "all 3 files are already captioned" in run("caption", folder, "-o", out, "--resume", *common).stderr
     out = tmp_path / "out.csv"
     run("caption", folder, "-o", out, *common)
     rows = list(csv.reader(out.open(newline="")))[1:]
@@ -325,7 +327,7 @@ def test_txt_and_csv_escaping(tmp_path, photos, trained_checkpoint):
     finally:
         os.chdir(cwd)
     assert list(csv.reader(io.StringIO(result.stdout)))[1][0] == "'=1+1.jpg"
-    assert "1 of 1 files already" in again[1].stderr  # --resume reads the neutralised cell back
+    assert "all 1 files are already captioned" in again[1].stderr  # --resume reads the neutralised cell back
 
 
 def test_exit_codes_for_output_errors_and_interruption(tmp_path, image_folder, trained_checkpoint, monkeypatch):

@@ -98,7 +98,7 @@ def test_coco_json_with_image_root(tmp_path, images):
     listing.write_text("cat.jpg\n")
     assert [(n, s) for n, s, _ in _summary(read_dataset(path, images=images, split_file=listing))] == [
         ("cat.jpg", "val"), ("astronaut.jpg", "train")]
-    with pytest.raises(DataError, match="empty"):  # without the root, no image is found
+    with pytest.raises(DataError, match="none of the .* captioned images is there.*--images"):  # no root: not found
         read_dataset(path)
     path.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
     with pytest.raises(DataError, match=r"captions_train2014.json: not COCO captions layout \(missing 'file_name'\)"):
@@ -158,7 +158,8 @@ def test_csv_errors_name_file_and_line(images):
         "image,caption,split\ncat.jpg,a cat,train\ncoffee.jpg,a cup,\n": r"bad.csv: some rows have a split",
         "image,caption,split\ncat.jpg,a cat,holdout\n": r"unknown split 'holdout'",
         "image,caption\n": r"bad.csv: the dataset is empty",
-        "image,caption\nmissing.jpg,a thing\n": r"bad.csv: the dataset is empty",
+        "image,caption\nmissing.jpg,a thing\n": r"bad.csv: none of the 1 captioned images is there: looked in .*; "
+                                          r"give the image folder with --images",
     }
     for text, message in cases.items():
         path.write_text(text)

@@ -178,3 +178,17 @@ def test_metrics_folder_is_removed_on_shutdown(tiny_checkpoint, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert not any(p.exists() for p in made)
+
+
+def test_serve_on_a_busy_port_fails_at_once_with_one_line():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        result = subprocess.run([str(CAPTIONER), "serve", "--port", str(port)], capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 3 and time.monotonic() - t0 < 30  # no gunicorn start, no retries
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot serve on 127.0.0.1:{port}: Address already in use (is another server using it? "
+        "choose another --port)"]
