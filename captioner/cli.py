@@ -513,13 +513,21 @@ def _check_port_free(host, port):
 
 
 def _run_data_settings(run, given):
-    """The data settings of the training run in the folder `run` that no given flag sets."""
+    """The data settings of the training run in the folder `run` that no given flag sets.
+    Without --split: its data's test split where it has one, else the run's validation split."""
+    from .data import read_dataset
     from .run_state import stored_config
 
     settings = stored_config(run)
     if settings is None:
         raise click.UsageError(f"--run {run}: no training run there (no train_state.pt)")
-    return {name: getattr(settings, name) for name in RUN_DATA_SETTINGS if name not in given}
+    values = {name: getattr(settings, name) for name in RUN_DATA_SETTINGS if name not in given}
+    if "split" not in given:
+        records = read_dataset(settings.data, settings.format, settings.images, settings.val_fraction,
+                               settings.split_file)
+        values["split"] = "test" if any(r.split == "test" for r in records) else "val"
+        click.echo(f"--run: scoring the {values['split']} split of {settings.data}", err=True)
+    return values
 
 
 def _print_scores(report, split, decode):

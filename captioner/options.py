@@ -222,9 +222,25 @@ class TrainConfig:
             if f.name == "decode":
                 changed += [f"--{_flag(k)} was {v!r}, now {new.to_dict()[k]!r}"
                             for k, v in old.to_dict().items() if new.to_dict()[k] != v]
+            elif f.metadata.get("path") and _same_paths(old, new):
+                continue  # the same file by another path ("mine.csv" here, "/home/me/mine.csv" stored)
             elif old != new:
                 changed.append(f"--{_flag(f.name)} was {old!r}, now {new!r}")
         return changed
+
+
+def _resolved(path, kind):
+    """An input path as an absolute one ("file", "dir", "any"); "out" folders and URIs as given."""
+    return str(Path(path).resolve()) if kind in ("file", "dir", "any") and "://" not in str(path) else str(path)
+
+
+def _same_paths(old, new):
+    """Whether two path settings (a path, a list of them, or None) name the same files."""
+    if old is None or new is None or isinstance(old, str) != isinstance(new, str):
+        return old == new
+    olds, news = ([old], [new]) if isinstance(old, str) else (list(old), list(new))
+    return len(olds) == len(news) and all(Path(a).resolve() == Path(b).resolve()
+                                          for a, b in zip(olds, news, strict=True))
 
 
 @dataclass(frozen=True)
@@ -274,7 +290,9 @@ class CalibrateConfig:
 def check_settings(config):
     """Raise ValueError, naming the flag, for a field of `config` (a TrainConfig or
     EvalConfig) that is required but empty, not one of its choices or outside its limits.
-    Paths are kept as text, so that the config is JSON."""
+    Paths are kept as text, so that the config is JSON; those of existing files and folders
+    are resolved (absolute), so that a run records which file it read, whatever the folder
+    it was started from."""
     for f in fields(config):
         value = getattr(config, f.name)
         meta = f.metadata
@@ -285,7 +303,9 @@ def check_settings(config):
         if isinstance(value, Path):
             object.__setattr__(config, f.name, str(value))
         if meta.get("path") and isinstance(value, (list, tuple)):
-            object.__setattr__(config, f.name, tuple(str(p) for p in value))
+            object.__setattr__(config, f.name, tuple(_resolved(p, meta["path"]) for p in value))
+        elif meta.get("path"):
+            object.__setattr__(config, f.name, _resolved(str(value), meta["path"]))
         if meta.get("choices") and value not in meta["choices"]:
             raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(meta['choices'])}, not {value!r}")
         if meta.get("limits"):

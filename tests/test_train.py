@@ -346,7 +346,7 @@ def test_run_files_are_readable_by_others(tmp_path, dataset, feature_cache):
     assert not list(run.glob("*.tmp"))
 
 
-def test_resume_keeps_the_runs_settings_and_refuses_changes(tmp_path, dataset, feature_cache):
+def test_resume_keeps_the_runs_settings_and_refuses_changes(tmp_path, dataset, feature_cache, monkeypatch):
     run = tmp_path / "run"
     train(dataset, run, feature_cache, "--epochs", 1, "--cell", "gru")  # also embed/hidden 32, batch 4, lr 5e-3
     for flags, message in ((["--cell", "lstm"], "--cell was 'gru', now 'lstm'"),
@@ -355,6 +355,11 @@ def test_resume_keeps_the_runs_settings_and_refuses_changes(tmp_path, dataset, f
         result = CliRunner().invoke(main, [str(a) for a in ["train", "--data", dataset, "--out", run, "--cache-dir",
                                                              feature_cache, "--resume", "--epochs", 2, *flags]])
         assert result.exit_code == 1 and message in result.output, result.output
+    # The same data file by another path is the same setting.
+    monkeypatch.chdir(dataset.parent)
+    result = CliRunner().invoke(main, [str(a) for a in ["train", "--data", dataset.name, "--out", run, "--resume",
+                                                         "--cache-dir", feature_cache, "--epochs", 1, "--workers", 0]])
+    assert result.exit_code == 0 and "was" not in result.output, result.output
     # Only what may change is given: the rest comes from the run, and what changed is recorded.
     result = CliRunner().invoke(main, [str(a) for a in ["train", "--data", dataset, "--out", run, "--resume",
                                                          "--cache-dir", feature_cache, "--epochs", 2,
@@ -376,6 +381,10 @@ def test_evaluate_a_run_on_its_own_split(tmp_path, dataset, feature_cache, monke
     report = json.loads((run / "scores-val.json").read_text())
     assert report["checkpoint"] == str(run / "best.safetensors") and report["data"] == str(dataset)
     assert [c["image"] for c in report["captions"]] == [str(dataset.parent / "astronaut.jpg")]  # the run's val
+    (run / "scores-val.json").unlink()
+    result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--workers", "0"])  # no test split: val
+    assert result.exit_code == 0 and "scoring the val split" in result.output, result.output
+    assert json.loads((run / "scores-val.json").read_text())["split"] == "val"
     result = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path)])
     assert result.exit_code == 2 and "no training run there" in result.output
     result = CliRunner().invoke(main, ["evaluate"])
