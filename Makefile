@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create or reuse
 # .venv and install what they need; the system packages (Java for the coco-caption
-# scorer, Chromium for the browser test, nginx for the proxy test) come from Debian through apt-get.
+# scorer, Chromium for the browser test, nginx for the proxy test, exiftool to read back XMP) come from
+# Debian through apt-get.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint install java chromium nginx system-deps bench clean
+.PHONY: demo test lint install java chromium nginx exiftool system-deps bench clean
 
 demo: $(STAMP)
 	$(VENV)/bin/captioner caption examples/ --format txt
@@ -29,7 +30,7 @@ $(STAMP): pyproject.toml | $(PY)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-system-deps: java chromium nginx
+system-deps: java chromium nginx exiftool
 
 java:
 	@command -v java >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
@@ -42,6 +43,10 @@ chromium:
 nginx:
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx-light >/dev/null; }
+
+exiftool:
+	@command -v exiftool >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libimage-exiftool-perl >/dev/null; }
 
 bench: $(STAMP)
 	$(PY) benchmarks/caption_folder.py

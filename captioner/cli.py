@@ -19,7 +19,7 @@ from click.core import ParameterSource
 from .machine import default_server_workers
 from .options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, WORKERS_LIMITS, CalibrateConfig, DecodeOptions,
                       EvalConfig, TrainConfig)
-from .records import OUTPUT_FORMATS, RecordError, RecordWriter, caption_record, recorded_paths
+from .records import OUTPUT_FORMATS, RecordError, RecordWriter, caption_record, recorded_paths, sentence_case
 
 # Exit statuses of `captioner caption` (docs/cli.md).
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -165,6 +165,14 @@ def main():
 @click.option("--min-confidence", type=click.FloatRange(0, 1),
               help="Withhold captions whose confidence is under this: their record gets \"caption\": null and "
                    "\"low_confidence\": true (txt: [low confidence]), for a person to write.")
+@click.option("--sentence-case", is_flag=True,
+              help="Write captions as sentences, as alt text is: \"A cat is sitting on the floor.\"")
+@click.option("--write-xmp", is_flag=True,
+              help="Also write each caption to the photo's XMP sidecar (photo.jpg.xmp) as dc:description, "
+                   "keeping the sidecar's other fields.")
+@click.option("--write-xmp-embedded", is_flag=True,
+              help="Also write each caption into the JPEG's own XMP (dc:description); rewrites the file, "
+                   "keeping every other byte. JPEG only.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 1024))
 @workers_flag()
 @device_flag()
@@ -179,17 +187,21 @@ def main():
 @click.option("--address", default=None, help="Ray engine: a running cluster to join ('auto', or ray://host:10001).")
 @gather("model", "weights", "device", "backend")  # inference.file_captioner's arguments
 @gather("ray", "actors", "gpus_per_actor", "address")  # the Ray engine's
+@gather("archive", "sentence_case", "write_xmp", "write_xmp_embedded")  # what _finish_record does
 def caption(paths, files_from, recursive, output, fmt, resume, decode, min_confidence, batch_size, workers, model,
-            engine, ray):
-    """Caption image files and folders. One record per file: {"path", "caption", "score",
-    "confidence", "objects"} or {"path", "error"}. Exit status 0 if every file was
+            engine, ray, archive):
+    """Caption image files, folders and http(s) URLs. One record per file: {"path", "caption",
+    "score", "confidence", "objects"} or {"path", "error"}. Exit status 0 if every file was
     captioned, 1 if some failed."""
+    from .images import is_url
+
     listed = read_file_list(files_from) if files_from else []
     if not paths and not files_from:
         raise click.UsageError("give image files or folders, or --files-from LIST")
-    missing = [p for p in paths if not Path(p).exists() and not (engine == "ray" and "://" in p)]
+    missing = [p for p in paths if not Path(p).exists() and not is_url(p) and not (engine == "ray" and "://" in p)]
     if missing:
         raise click.UsageError(f"path {missing[0]!r} does not exist")
+    _check_archive_flags(archive, engine, [p for p in [*paths, *listed] if is_url(p)])
     if resume and not output:
         raise click.UsageError("--resume needs --output (the file or folder to continue)")
     if min_confidence is not None:
@@ -199,7 +211,17 @@ def caption(paths, files_from, recursive, output, fmt, resume, decode, min_confi
                         batch_size, model, ray)
     else:
         _caption_locally([*paths, *listed], recursive, Path(output) if output else None, fmt, resume, decode,
-                         min_confidence, batch_size, workers, model)
+                         min_confidence, batch_size, workers, model, archive)
+
+
+def _check_archive_flags(archive, engine, urls):
+    """--sentence-case and --write-xmp(-embedded) are for the local engine, and XMP for local files."""
+    given = [flag for flag, name in (("--sentence-case", "sentence_case"), ("--write-xmp", "write_xmp"),
+                                     ("--write-xmp-embedded", "write_xmp_embedded")) if archive[name]]
+    if given and engine == "ray":
+        raise click.UsageError(f"{given[0]}: only with the local engine")
+    if urls and (archive["write_xmp"] or archive["write_xmp_embedded"]):
+        raise click.UsageError(f"--write-xmp: {urls[0]} is a URL; XMP is written beside or into local files")
 
 
 def _check_calibrated(weights):
@@ -248,9 +270,11 @@ def _caption_on_ray(inputs, recursive, output, fmt, resume, decode, min_confiden
     sys.exit(EXIT_SOME_FAILED if summary["failed"] else EXIT_OK)
 
 
-def _caption_locally(inputs, recursive, output, fmt, resume, decode, min_confidence, batch_size, workers, model):
+def _caption_locally(inputs, recursive, output, fmt, resume, decode, min_confidence, batch_size, workers, model,
+                     archive):
     """Caption in this process, writing each record to `output` (None: standard output) as
-    soon as it is known; with `resume`, skip the files `output` already records."""
+    soon as it is known; with `resume`, skip the files `output` already records; `archive`:
+    the --sentence-case and --write-xmp flags."""
     from .checkpoint import CheckpointError
     from .inference import file_captioner
 
@@ -269,7 +293,7 @@ def _caption_locally(inputs, recursive, output, fmt, resume, decode, min_confide
     stream = _open_output(output, append)
     writer = RecordWriter(stream, fmt, header=not append)
     records = _caption_records(captioner, files, decode, batch_size, workers, min_confidence,
-                               alternatives=fmt == "jsonl")
+                               alternatives=fmt == "jsonl", archive=archive)
     failures = _write_records(records, writer, len(files), output)
     if failures:
         click.echo(f"{failures} of {len(files)} files could not be captioned", err=True)
@@ -289,7 +313,7 @@ def _local_format(output, fmt):
 def _files_to_caption(inputs, recursive, output):
     """The image files of `inputs`, refusing an --output that would overwrite a folder, a
     photo or an input."""
-    from .images import IMAGE_EXTENSIONS, find_images
+    from .images import IMAGE_EXTENSIONS, find_images, is_url
 
     if output and output.is_dir():
         raise click.UsageError(f"--output {output} is a folder; give a file")
@@ -298,9 +322,10 @@ def _files_to_caption(inputs, recursive, output):
                                ".txt file (refused so that a photo is never overwritten)")
     files = find_images(inputs, recursive)
     if not files:
-        raise click.UsageError("no image files found (extensions: jpg jpeg png gif bmp webp tif tiff; "
-                               "use --recursive for sub-folders)")
-    if output and output.exists() and output.resolve() in {f.resolve() for f in files if f.exists()}:
+        extensions = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        raise click.UsageError(f"no image files found (extensions: {extensions}; use --recursive for sub-folders)")
+    local = [f for f in files if not is_url(f)]
+    if output and output.exists() and output.resolve() in {f.resolve() for f in local if f.exists()}:
         raise click.UsageError(f"--output {output} is one of the input files")
     return files
 
@@ -334,9 +359,9 @@ def _open_output(output, append):
         sys.exit(EXIT_OUTPUT_ERROR)
 
 
-def _caption_records(captioner, files, decode, batch_size, workers, min_confidence, alternatives):
+def _caption_records(captioner, files, decode, batch_size, workers, min_confidence, alternatives, archive):
     """One record per file, in order (records.caption_record); `alternatives`: include the
-    n-best candidates."""
+    n-best candidates; `archive`: see _finish_record."""
     for i, result, error in captioner.caption_files(files, decode, batch_size, workers):
         if error is not None:
             yield {"path": str(files[i]), "error": error}
@@ -344,7 +369,32 @@ def _caption_records(captioner, files, decode, batch_size, workers, min_confiden
         record = caption_record(str(files[i]), result, min_confidence)
         if decode.n_best > 1 and alternatives:
             record["alternatives"] = result["alternatives"]
-        yield record
+        yield _finish_record(record, files[i], archive)
+
+
+def _finish_record(record, file, archive):
+    """--sentence-case, then --write-xmp and --write-xmp-embedded, on the record of the
+    captioned `file`. A withheld caption writes no XMP; a failed XMP write makes the record
+    an error that keeps its caption (the run goes on)."""
+    from .xmp import XmpError, embed_in_jpeg, write_sidecar
+
+    if archive["sentence_case"]:
+        if record["caption"]:
+            record["caption"] = sentence_case(record["caption"])
+        if "alternatives" in record:
+            record["alternatives"] = [{**a, "caption": sentence_case(a["caption"])} for a in record["alternatives"]]
+    if record["caption"] is None:
+        return record
+    try:
+        if archive["write_xmp"]:
+            write_sidecar(file, record["caption"])
+        if archive["write_xmp_embedded"]:
+            embed_in_jpeg(file, record["caption"])
+    except XmpError as e:
+        record["error"] = f"XMP not written: {e}"
+    except OSError as e:
+        record["error"] = f"XMP not written: {e.filename}: {e.strerror or e}"
+    return record
 
 
 def _write_records(records, writer, total, output):

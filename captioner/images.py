@@ -2,10 +2,13 @@
 
 `load_image` is the one place that opens user images (CLI, server, training), so every
 way in handles the same odd files the same way; `preprocess` is the one transform used
-for inference and feature caching.
+for inference and feature caching. `load_input` adds http(s) URLs for the CLI and the
+library (never the server, which must not fetch for strangers).
 """
 import io
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +19,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .encoder import IMAGE_SIZE, MEAN, STD
 from .machine import decoding_workers
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+try:  # HEIC/HEIF (iPhone photos) through libheif, the optional extra captioner[heif]
+    import pillow_heif
+except ImportError:
+    pillow_heif = None
+else:
+    pillow_heif.register_heif_opener()
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif"}
 # The only decoders Pillow may use. Others are a needless attack surface: EPS, for one, is
 # decoded by writing the upload to a temp file and running Ghostscript on it.
 IMAGE_FORMATS = ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"]  # JPEG includes MPO (phone photos)
+if pillow_heif is not None:
+    IMAGE_FORMATS.append("HEIF")
+# The ISO-BMFF brands of HEIF stills and sequences (bytes 8-12 of the file, after "ftyp").
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+HEIF_MISSING = "HEIC/HEIF photo, but HEIF support is not installed: pip install 'captioner[heif]'"
+# http(s) inputs: the most bytes read from one URL, and the seconds one may stall.
+MAX_DOWNLOAD_BYTES = 50_000_000
+DOWNLOAD_TIMEOUT = 30
+URL_SCHEMES = ("http://", "https://")
 # Refuse images above this many pixels before decoding them: a 30000x30000 PNG can be a
 # few hundred KB on disk and 2.7 GB in memory. 100 MP still admits any camera photo.
 MAX_PIXELS = 100_000_000
@@ -54,6 +73,8 @@ def load_image(source, max_pixels=MAX_PIXELS):
         try:
             img = Image.open(source, formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
+            if pillow_heif is None and _is_heif(source):
+                raise ImageError(HEIF_MISSING) from None
             raise ImageError("not an image (unknown or unsupported format)") from None
         except Image.DecompressionBombError:
             raise ImageError(f"image too large (over {max_pixels:,} pixels)") from None
@@ -78,6 +99,52 @@ def load_image(source, max_pixels=MAX_PIXELS):
         raise
     except Exception as e:  # truncated data, corrupt chunks, decoder errors of every kind
         raise ImageError(f"cannot decode image: {e}") from None
+
+
+def _is_heif(source):
+    """Whether the file (path or binary file object) starts as a HEIF file does."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(12)
+        else:
+            source.seek(0)
+            head = source.read(12)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+def is_url(source):
+    return isinstance(source, str) and source.lower().startswith(URL_SCHEMES)
+
+
+def fetch_url(url, max_bytes=MAX_DOWNLOAD_BYTES, timeout=DOWNLOAD_TIMEOUT):
+    """The body of an http(s) URL, at most `max_bytes`; raises ImageError naming the URL and
+    what went wrong (an HTTP status, a refused connection, a timeout, an oversized body)."""
+    request = urllib.request.Request(url, headers={"User-Agent": "captioner"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise ImageError(f"{url}: {int(length):,} bytes is over the download limit of {max_bytes:,}")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"cannot fetch {url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise ImageError(f"cannot fetch {url}: {e.reason}") from None
+    except TimeoutError:
+        raise ImageError(f"cannot fetch {url}: no answer within {timeout} s") from None
+    except (OSError, ValueError) as e:  # a connection reset mid-body, a malformed URL
+        raise ImageError(f"cannot fetch {url}: {e}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"{url}: the body is over the download limit of {max_bytes:,} bytes")
+    return data
+
+
+def load_input(source, max_pixels=MAX_PIXELS):
+    """`load_image`, and an http(s) URL string fetched first (`fetch_url`)."""
+    return load_image(fetch_url(source) if is_url(source) else source, max_pixels)
 
 
 def _shrink(img):
@@ -133,9 +200,14 @@ train_transform = T.Compose([
 
 def find_images(paths, recursive=False):
     """Expand files and folders into a sorted list of image files. A file named
-    explicitly is kept whatever its extension (it gets an error record if it is no image)."""
+    explicitly is kept whatever its extension (it gets an error record if it is no image);
+    an http(s) URL is kept as the string it is."""
     found = []
-    for p in map(Path, paths):
+    for p in paths:
+        if is_url(p):
+            found.append(p)
+            continue
+        p = Path(p)
         if p.is_dir():
             walker = p.rglob("*") if recursive else p.iterdir()
             found.extend(sorted(f for f in walker if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
@@ -157,7 +229,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, self.transform(load_image(self.paths[i])), None
+            return i, self.transform(load_input(self.paths[i])), None
         except ImageError as e:
             return i, None, str(e)
 

@@ -10,7 +10,7 @@ from PIL import Image
 from .backends import load_backend, resolve_backend
 from .checkpoint import load_model
 from .evidence import banned_words, caption_signals, repeat_rules_for
-from .images import image_loader, load_image, preprocess
+from .images import image_loader, load_input, preprocess
 from .machine import pipeline_threads
 from .model import beam_search, greedy_search
 from .options import DEFAULT_BACKEND, DEFAULT_DEVICE, DecodeOptions
@@ -183,8 +183,9 @@ class Captioner:
         return decode_features(self.model, self.vocab, features, options)
 
     def caption(self, images, options=None, **overrides):
-        """Caption a path, PIL image, bytes or binary file, or a list of them. A single input
-        gives one dict, a list gives a list. Unreadable images raise images.ImageError;
+        """Caption a path, http(s) URL, PIL image, bytes or binary file, or a list of them. A
+        single input gives one dict, a list gives a list. Unreadable images and failed
+        downloads raise images.ImageError;
         `caption(x, grounding=False)` and other DecodeOptions fields change the decoding."""
         options = decode_options(options, overrides)
         # A file object is one image, not an iterable of lines.
@@ -192,7 +193,7 @@ class Captioner:
         items = [images] if single else list(images)
         if not items:
             return []
-        pixels = torch.stack([preprocess(load_image(x)) for x in items])
+        pixels = torch.stack([preprocess(load_input(x)) for x in items])
         results = self.caption_pixels(pixels, options)
         return results[0] if single else results
 

@@ -40,7 +40,8 @@ def setting(default, help=None, *, limits=None, open_limits=(False, False), choi
 class DecodeOptions:
     """How captions are decoded. `LIMITS`: (lowest, highest) of each numeric option, read
     from the fields; the server, CLI and library enforce these."""
-    beam_size: int = setting(3, limits=(1, 10))  # 1 is greedy decoding (when no concept is forced)
+    beam_size: int = setting(3, "Candidates kept at each step of beam search; 1 is greedy decoding (when no "
+                                "concept is forced); more is slower.", limits=(1, 10))
     # Candidates returned per image, best first (at most beam_size).
     n_best: int = setting(1, "Also list this many candidates per image (jsonl only shows them).", limits=(1, 5))
     max_length: int = setting(20, "Words per caption.", limits=(1, 50))
@@ -193,6 +194,15 @@ class TrainConfig:
     cache_dir: str = setting(None, "Where image features are stored (default: ~/.cache/captioner or "
                                    "$CAPTIONER_CACHE).", path="out", changeable=True)
     backend: str = setting(DEFAULT_BACKEND, "How the encoder computes the stored features.", choices=BACKENDS)
+    # Self-critical sequence training (Rennie et al. 2017) optimises the CIDEr-D of sampled
+    # captions directly; typically a short stage after cross-entropy (--init-from a trained model).
+    objective: str = setting("xe", "xe: teacher-forced cross-entropy on the reference captions; scst: self-critical "
+                                   "sequence training, the CIDEr-D of sampled captions against the references (with "
+                                   "scst, --batch-size counts photos, and text-only captions are not used).",
+                             choices=("xe", "scst"))
+    # Luo 2020's baseline, the mean reward of an image's other samples, needs two or more.
+    scst_samples: int = setting(5, "With --objective scst: captions sampled per photo at every step.",
+                                limits=(2, 20))
 
     def __post_init__(self):
         check_settings(self)

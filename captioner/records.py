@@ -36,6 +36,15 @@ def csv_cell(value):
     return "'" + text if text.startswith(FORMULA_START) else text
 
 
+def sentence_case(caption):
+    """A caption as a sentence, as alt text is written: "a cat is on the floor" -> "A cat is
+    on the floor." (the model's captions are lower-case and unpunctuated)."""
+    caption = caption.strip()
+    if not caption:
+        return caption
+    return caption[0].upper() + caption[1:] + ("" if caption[-1] in ".!?" else ".")
+
+
 def caption_record(path, result, min_confidence=None):
     """The record of one captioned file (`result`: a Captioner result). A caption whose
     confidence is under `min_confidence` is withheld: "caption" null and "low_confidence"

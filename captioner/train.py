@@ -16,6 +16,14 @@ taking its share of every global batch and of the images to encode and to decode
 validation; process 0 writes checkpoints, logs and metrics, and every process resumes from
 the same train_state.pt.
 
+Self-critical sequence training (`--objective scst`, Rennie et al. 2017): a stage after
+cross-entropy that optimises CIDEr-D directly. For every photo of a batch the decoder samples
+several captions; each is rewarded with its CIDEr-D against the photo's references (document
+frequencies from all training references, <END> counted as a word), the baseline of a
+sample is the mean reward of the photo's other samples (Luo 2020), and the loss is
+-(reward - baseline) * the sample's log-probability. Validation, checkpoints, early stopping
+and resume are the same as under cross-entropy.
+
 Open-world captions (`--text-data`): captions without images (COCO's caption text) are
 trained alongside the image-caption pairs, so the decoder learns words and sentences that
 no training photo shows. A text-only caption has no image feature (zeros; the decoder's
@@ -44,9 +52,9 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .concepts import shipped_concepts
 from .inference import DEFAULT_WEIGHTS, decode_features, resolve_device
 from .metrics import score_captions
-from .model import CaptionModel, ModelConfig
+from .model import BANNED_IDS, CaptionModel, ModelConfig
 from .train_data import load_data, read_training_records, tokenize_captions
-from .vocab import PAD_ID, SPECIAL_TOKENS, Vocabulary
+from .vocab import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 LR_FLOOR = 0.05  # the cosine schedule ends at this share of each base learning rate
@@ -208,9 +216,9 @@ def batch_to_device(inputs, concepts, tokens, device):
 
 
 def train_one_epoch(model, step, optimizer, scaler, batches, device, epoch, config, show=True):
-    """One pass over `batches` (train_data's FeatureBatches or ImageBatches) with `step`
-    (TrainStep, DDP-wrapped under torchrun). -> (mean loss of this process, captions, images
-    skipped)."""
+    """One pass over `batches` (train_data's FeatureBatches or ImageBatches; ScstBatches with
+    --objective scst) with `step` (TrainStep, DDP-wrapped under torchrun). -> (mean loss of
+    this process, captions, images skipped, {extra metrics.jsonl values: means})."""
     model.train()
     if not model.encoder_tuned:
         model.encoder.eval()
@@ -219,6 +227,8 @@ def train_one_epoch(model, step, optimizer, scaler, batches, device, epoch, conf
         for m in model.encoder.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eval()
+    if config.objective == "scst":
+        return scst_epoch(model, step, optimizer, scaler, batches, device, epoch, config, show)
     dtype = amp_dtype(device, config.amp)
     total, count, skipped = 0.0, 0, 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, total=len(batches),
@@ -231,16 +241,115 @@ def train_one_epoch(model, step, optimizer, scaler, batches, device, epoch, conf
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = step(inputs, tokens[:, :-1], concepts)
             loss = caption_loss(logits.float(), tokens[:, 1:], config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(model, optimizer, scaler, loss, config.clip_grad)
         total += loss.item() * len(tokens)
         count += len(tokens)
         bar.set_postfix(loss=f"{total / count:.3f}")
-    return total / max(count, 1), count, skipped
+    return total / max(count, 1), count, skipped, {}
+
+
+def optimizer_step(model, optimizer, scaler, loss, clip_grad):
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# ---------------------------------------------------------------- self-critical sequence training
+
+def allowed_words(max_length, vocab_size, device):
+    """(max_length + 1, V) bool: the words a sampled caption may have at each position, as
+    greedy and beam search allow them (never <PAD>, <START> or <UNK>; at least one word;
+    <END> when out of room)."""
+    allowed = torch.ones(max_length + 1, vocab_size, dtype=torch.bool, device=device)
+    allowed[:, BANNED_IDS] = False
+    allowed[0, END_ID] = False
+    allowed[max_length] = False
+    allowed[max_length, END_ID] = True
+    return allowed
+
+
+@torch.no_grad()
+def sample_captions(decoder, features, concepts, allowed):
+    """One caption per row of `features`, drawn word by word from the decoder's softmax
+    (restricted to `allowed`). -> (N, T) token ids: the words, <END>, then <PAD>."""
+    state = decoder.init_state(features, concepts)
+    context = decoder.context(concepts) if concepts is not None else None
+    tokens = torch.full((len(features),), START_ID, dtype=torch.long, device=features.device)
+    finished = torch.zeros(len(features), dtype=torch.bool, device=features.device)
+    words = []
+    for t in range(len(allowed)):
+        logp, state = decoder.step(tokens, state, context)
+        probs = logp.masked_fill(~allowed[t], float("-inf")).exp()  # multinomial normalises
+        tokens = torch.multinomial(probs, 1).squeeze(1).masked_fill(finished, PAD_ID)
+        words.append(tokens)
+        finished |= tokens == END_ID
+        if finished.all():
+            break
+    return torch.stack(words, 1)
+
+
+def sample_log_probs(logits, samples, allowed):
+    """Summed log-probabilities (N,) of each sampled caption (its <END> included) under
+    teacher-forced `logits` (N, T, V), with the sampling's restrictions."""
+    logp = logits.float().masked_fill(~allowed[:samples.size(1)], float("-inf")).log_softmax(-1)
+    words = samples != PAD_ID
+    picked = logp.gather(2, samples.masked_fill(~words, END_ID).unsqueeze(2)).squeeze(2)  # finite everywhere
+    return (picked * words).sum(1)
+
+
+def self_critical_advantage(rewards):
+    """rewards (B, K): K samples per image -> (advantage, baseline), both (B, K). The
+    baseline of a sample is the mean reward of the image's other samples (Luo 2020, "a
+    better variant of self-critical sequence training"): no greedy decode needed, and it
+    does not depend on the sample it judges."""
+    k = rewards.size(1)
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    return rewards - baseline, baseline
+
+
+def scst_batch_loss(model, step, features, concepts, images, cider, config, allowed):
+    """Sample config.scst_samples captions per photo, reward each with its CIDEr-D against
+    the photo's references, and -> (policy-gradient loss, rewards (B, K))."""
+    k = config.scst_samples
+    features = features.repeat_interleave(k, 0)
+    concepts = concepts.repeat_interleave(k, 0) if concepts is not None else None
+    samples = sample_captions(model.decoder, features, concepts, allowed)
+    lengths = (samples != PAD_ID).sum(1).tolist()
+    captions = [row[:n] for row, n in zip(samples.tolist(), lengths, strict=True)]
+    rewards = cider.score(images.repeat_interleave(k).tolist(), captions, device=features.device).view(-1, k)
+    advantage, _ = self_critical_advantage(rewards)
+    starts = torch.full((len(samples), 1), START_ID, dtype=torch.long, device=samples.device)
+    logits = step(features, torch.cat([starts, samples[:, :-1]], 1), concepts)
+    log_probs = sample_log_probs(logits, samples, allowed)
+    return -(advantage.flatten() * log_probs).mean(), rewards
+
+
+def scst_epoch(model, step, optimizer, scaler, batches, device, epoch, config, show):
+    """One SCST pass over `batches` (ScstBatches). -> (mean loss, captions sampled, 0,
+    {"train_reward": mean CIDEr-D of the samples, "train_advantage": mean |reward - baseline|})."""
+    # Dropout off: the log-probabilities trained are those of the policy that drew the samples.
+    for m in model.decoder.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    allowed = allowed_words(config.max_caption_length, model.config.vocab_size, device)
+    dtype = amp_dtype(device, config.amp)
+    total, reward, spread, count = 0.0, 0.0, 0.0, 0
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs} (scst)", unit="batch", leave=False,
+               total=len(batches), disable=not show)
+    for features, concepts, images, _ in bar:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss, rewards = scst_batch_loss(model, step, features, concepts, images, batches.cider, config, allowed)
+        optimizer_step(model, optimizer, scaler, loss, config.clip_grad)
+        total += loss.item() * rewards.numel()
+        reward += rewards.sum().item()
+        spread += self_critical_advantage(rewards)[0].abs().sum().item()
+        count += rewards.numel()
+        bar.set_postfix(reward=f"{reward / count:.3f}")
+    n = max(count, 1)
+    return total / n, count, 0, {"train_reward": reward / n, "train_advantage": spread / n}
 
 
 @torch.inference_mode()
@@ -309,6 +418,9 @@ def _train(config, resume, procs, device):
     procs.barrier()  # every process has read the state before process 0 may write a new one
     if config.text_data and config.fine_tune_encoder:
         raise ValueError("--text-data trains with cached features; it cannot be combined with --fine-tune-encoder")
+    if config.objective == "scst" and config.fine_tune_encoder:
+        raise ValueError("--objective scst trains the decoder on stored features; it cannot be combined with "
+                         "--fine-tune-encoder")
     random.seed(config.seed + procs.rank)
     torch.manual_seed(config.seed + procs.rank)
 
@@ -316,6 +428,9 @@ def _train(config, resume, procs, device):
     model, vocab = build_model(config, train_set, text_captions, state, device)
     log.info("%d train and %d val images, %d text-only captions, vocabulary of %d words%s", len(train_set),
              len(val_set), len(text_captions), len(vocab), f", {procs.world} processes" if procs.world > 1 else "")
+    if config.objective == "scst" and text_captions:
+        log.info("--objective scst: the text-only captions widen the vocabulary but are not trained on (no photo to "
+                 "score a sample against)")
     batches, validation = load_data(config, model, vocab, train_set, val_set, text_captions, device, procs)
     step = train_step(model, procs, device)
     optimizer, scaler = make_optimizer(config, model, device)
@@ -344,7 +459,8 @@ def _train(config, resume, procs, device):
                             (train_time, time.time() - t0))
             save_epoch(out, row, model, vocab, info, improved,
                        run_state.RunState.capture(config, model, vocab, optimizer, scaler, progress, rngs))
-            log.info("epoch %d: loss %.3f, val %s %.4f, BLEU-4 %.4f%s (%.0fs)", epoch + 1, trained[0],
+            reward = f", train reward {trained[3]['train_reward']:.4f}" if "train_reward" in trained[3] else ""
+            log.info("epoch %d: loss %.3f%s, val %s %.4f, BLEU-4 %.4f%s (%.0fs)", epoch + 1, trained[0], reward,
                      config.select_metric, scores[config.select_metric], scores["BLEU-4"],
                      " *best*" if improved else "", row["epoch_time_s"])
             plot_curves(out / "metrics.jsonl", out / "curves.png", config.select_metric)
@@ -406,11 +522,12 @@ def lr_factor(epoch, decay_epochs):
     return LR_FLOOR + (1 - LR_FLOOR) * (1 + math.cos(math.pi * t)) / 2
 
 
-def all_processes(procs, loss, captions, skipped):
-    """An epoch's (loss, captions, images skipped) over every process: the mean of their
-    mean losses (their batches are the same size), the counts summed."""
-    parts = procs.gather((loss, captions, skipped))
-    return sum(x[0] for x in parts) / len(parts), sum(x[1] for x in parts), sum(x[2] for x in parts)
+def all_processes(procs, loss, captions, skipped, extra):
+    """An epoch's (loss, captions, images skipped, extra means) over every process: the
+    means of their means (their batches are the same size), the counts summed."""
+    parts = procs.gather((loss, captions, skipped, extra))
+    means = {k: sum(x[3][k] for x in parts) / len(parts) for k in extra}
+    return sum(x[0] for x in parts) / len(parts), sum(x[1] for x in parts), sum(x[2] for x in parts), means
 
 
 def save_epoch(out, row, model, vocab, info, improved, state):
@@ -438,7 +555,7 @@ def epoch_row(epoch, lr, trained, val_loss, scores, predictions, times):
     """One metrics.jsonl row: losses, validation scores, speed, and how the model talks.
     trained: (loss, captions, images skipped) of all processes; times: (training, whole
     epoch) in seconds."""
-    (loss, n_captions, skipped), (train_time, epoch_time) = trained, times
+    (loss, n_captions, skipped, extra), (train_time, epoch_time) = trained, times
     distinct = len(set(predictions.values())) / max(1, len(predictions))
     if len(predictions) >= 10 and distinct < 0.3:
         log.warning("epoch %d: only %d distinct captions for %d validation images: the model may be "
@@ -447,7 +564,8 @@ def epoch_row(epoch, lr, trained, val_loss, scores, predictions, times):
     return {"epoch": epoch + 1, "train_loss": round(loss, 4), "val_loss": round(val_loss, 4), "lr": lr,
             "captions": n_captions, "train_time_s": round(train_time, 1),
             "captions_per_s": round(n_captions / train_time, 1), "epoch_time_s": round(epoch_time, 1),
-            "skipped_images": skipped, **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "tokenizer"},
+            "skipped_images": skipped, **{k: round(v, 4) for k, v in extra.items()},
+            **{f"val_{k}": round(v, 4) for k, v in scores.items() if k != "tokenizer"},
             "val_distinct_captions": round(distinct, 4),
             "samples": {Path(k).name: v for k, v in list(predictions.items())[:SAMPLE_CAPTIONS]}}
 
@@ -462,12 +580,15 @@ def plot_curves(metrics_file, png, select_metric):
     rows = [json.loads(line) for line in open(metrics_file)]
     epochs = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+    # An SCST epoch's loss is a policy-gradient loss, not a cross-entropy: its reward is drawn instead.
+    a.plot(epochs, [None if "train_reward" in r else r["train_loss"] for r in rows], marker="o", label="train")
     a.plot(epochs, [r.get("val_loss") for r in rows], marker="o", label="validation")
     a.set(title="loss (teacher-forced)", xlabel="epoch")
     a.legend()
     for key in (f"val_{select_metric}", "val_BLEU-4"):
         b.plot(epochs, [r.get(key) for r in rows], marker="o", label=key[4:])
+    if any("train_reward" in r for r in rows):
+        b.plot(epochs, [r.get("train_reward") for r in rows], marker="o", label="train reward (CIDEr-D of samples)")
     best = max(rows, key=lambda r: r.get(f"val_{select_metric}") or 0)["epoch"]
     b.axvline(best, color="grey", linestyle="--", label=f"best (epoch {best})")
     b.set(title="validation (beam-decoded)", xlabel="epoch")

@@ -6,12 +6,14 @@ process's training batches and its share of the validation images:
   mixed in, each with a concept vector drawn from its own words, or with a photo of what it
   names (--text-photos).
 - `ImageBatches`: with --fine-tune-encoder, a DataLoader of augmented photos.
+- `ScstBatches`: with --objective scst, stored features one row per photo, and the CIDEr-D
+  scorer of their reference captions.
 
-Both are shaped like a DataLoader: `len()` is the steps of an epoch, `set_epoch(epoch)`
+All are shaped like a DataLoader: `len()` is the steps of an epoch, `set_epoch(epoch)`
 picks that epoch's shuffle and iterating yields (inputs, concepts or None, tokens, images
-skipped). Every process draws the same shuffle (seed + epoch) and takes its share of each
-global batch (DistributedSampler, padded so that all take the same number of steps, which
-DDP needs).
+skipped); ScstBatches yields photo indices in place of tokens. Every process draws the
+same shuffle (seed + epoch) and takes its share of each global batch (DistributedSampler,
+padded so that all take the same number of steps, which DDP needs).
 """
 import logging
 import math
@@ -22,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .chair import mentioned_objects
+from .cider import CiderD
 from .data import Record, read_dataset, read_text_captions
 from .features import compute_features, encode_missing
 from .images import ImageError, find_images, image_loader, load_image, train_transform
@@ -166,6 +169,49 @@ class FeatureBatches:
         return features, concepts, self.tokens[rows], 0
 
 
+class ScstBatches:
+    """Batches of training photos for self-critical sequence training: one row per photo
+    with a usable caption (not per caption), text-only captions left out (a sampled caption
+    without a photo has no references to be scored against), every photo's feature shown.
+    `cider` scores samples against the photo's reference captions, with document frequencies
+    from all training references. Yields (features, concepts or None, photo indices, 0) on
+    the features' device; the indices are `cider`'s image ids."""
+
+    def __init__(self, features, concepts, image_idx, tokens, config, procs):
+        """features, concepts: (images, D) and (images, C) or None; image_idx, tokens: each
+        caption's image and tokens (tokenize_captions)."""
+        self.features, self.concepts = features, concepts
+        self.images = image_idx.unique()  # photos with a caption
+        self.cider = CiderD(reference_ids(image_idx, tokens))
+        self.captions = len(self.images)  # rows per epoch, all processes together
+        self.batch_size = config.batch_size
+        self.sampler = epoch_sampler(len(self.images), config.seed, procs)
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        order = self.images[torch.tensor(list(self.sampler), dtype=torch.long)]
+        device = self.features.device
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            concepts = self.concepts[idx.to(device)] if self.concepts is not None else None
+            yield self.features[idx.to(device)], concepts, idx, 0
+
+
+def reference_ids(image_idx, tokens):
+    """{image index: [reference caption as token ids]}, each caption without <START> and
+    with its <END> (SCST counts the end token as a word, so that ending where people end
+    their captions is rewarded)."""
+    references = {}
+    for i, row, length in zip(image_idx.tolist(), tokens.tolist(), (tokens != PAD_ID).sum(1).tolist(), strict=True):
+        references.setdefault(i, []).append(row[1:length])
+    return references
+
+
 class TextPhotos:
     """Photos for text-only captions (--text-photos): a caption that names the concept a
     photo shows, and no person, is trained with a random one of those photos' features and
@@ -305,6 +351,8 @@ def load_data(config, model, vocab, train_set, val_set, text_captions, device, p
     train_features = features[:len(paths)].to(device)
     with torch.inference_mode():
         train_concepts = model.decoder_concepts(model.classify_features(train_features))
+    if config.objective == "scst":
+        return ScstBatches(train_features, train_concepts, image_idx, tokens, config, procs), validation
     text_tokens = tokenize_captions([Record(Path(), text_captions)], vocab, config.max_caption_length)[1] \
         if text_captions else torch.empty(0, config.max_caption_length + 2, dtype=torch.long)
     text_concepts = text_concept_lists(model.concepts, text_tokens, vocab) if model.config.num_concepts else []

@@ -1,5 +1,5 @@
-"""The JSON API: health and readiness probes, Prometheus metrics, the OpenAPI document
-and POST /v1/captions.
+"""The JSON API: health and readiness probes, Prometheus metrics, the OpenAPI document,
+GET /v1/model (what the served model is) and POST /v1/captions.
 
 Uploaded bytes stay in memory: nothing a client sends is written to disk or used as a
 path. The worker's captioner, batcher, decode slots and metrics are in
@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 
 import torch
 from flask import Blueprint, current_app, jsonify, request
@@ -21,7 +22,9 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from captioner import __version__
 from captioner.images import ImageError, load_image, preprocess
+from captioner.inference import DEFAULT_WEIGHTS
 from captioner.options import DecodeOptions
 
 from .batching import QueueFull
@@ -69,7 +72,7 @@ def metrics():
 
 def openapi_with_options(document):
     """The OpenAPI text with the decoding options of POST /v1/captions filled in from
-    DecodeOptions: their defaults and limits are written once, there."""
+    DecodeOptions: their defaults, limits and descriptions are written once, there."""
     spec = json.loads(document)
     defaults, parameters, form = DecodeOptions(), [], {}
     for f in dataclasses.fields(DecodeOptions):
@@ -80,8 +83,10 @@ def openapi_with_options(document):
             low, high = DecodeOptions.LIMITS[f.name]
             schema = {"type": "integer" if isinstance(default, int) else "number",
                       "minimum": low, "maximum": high, "default": default}
-        parameters.append({"name": f.name, "in": "query", "schema": schema})
-        form[f.name] = schema
+        help_text = f.metadata["help"]
+        parameters.append({"name": f.name, "in": "query", "description": help_text, "example": default,
+                           "schema": schema})
+        form[f.name] = {**schema, "description": help_text, "example": default}
     post = spec["paths"]["/v1/captions"]["post"]
     post["parameters"] = parameters
     post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"].update(form)
@@ -94,6 +99,56 @@ OPENAPI_DOCUMENT = openapi_with_options((STATIC / "openapi.json").read_text())
 @bp.get("/openapi.json")
 def openapi():
     return current_app.response_class(OPENAPI_DOCUMENT, mimetype="application/json")
+
+
+@bp.get("/v1/model")
+def model_metadata():
+    return jsonify(model_info(_worker()["captioner"], current_app.config["WEIGHTS"]))
+
+
+def model_info(captioner, weights):
+    """What the served model is: from the checkpoint's own info and config, and from its
+    card (read_card) for the licence, the training data and the scores."""
+    info, config = captioner.info, captioner.model.config
+    card = read_card(weights, captioner.name)
+    architecture = (f"Show and Tell: {config.encoder} image features ({config.feature_dim}-d) initialise a "
+                    f"{config.num_layers}-layer {config.cell.upper()} decoder (hidden size {config.hidden_dim})")
+    if config.num_concepts:
+        architecture += f", grounded on {config.num_concepts} ImageNet concepts"
+    return {
+        "name": captioner.name,
+        "version": __version__,
+        "architecture": architecture,
+        "encoder": {"name": config.encoder, "fine_tuned": captioner.model.encoder_tuned,
+                    "backend": captioner.backend},
+        "vocabulary_size": config.vocab_size,
+        "config": config.to_dict(),
+        "training_data": card.get("training_data") or info.get("data"),
+        "training_stages": info.get("stages", []),
+        "calibration": info.get("calibration"),
+        "license": card.get("license"),
+        "scores": card.get("scores", []),
+    }
+
+
+def card_path(weights):
+    """The card of a checkpoint: beside it, with .card.json for .safetensors
+    (weights/model.safetensors -> weights/model.card.json)."""
+    path = Path(weights or DEFAULT_WEIGHTS)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    return path.with_suffix(".card.json")
+
+
+def read_card(weights, name):
+    """The checkpoint's card as a dict: {"name", "license", "training_data", "scores"}; {}
+    where there is none, or where it names another model (a card never describes a model
+    it was not written for)."""
+    path = card_path(weights)
+    if not path.is_file():
+        return {}
+    card = json.loads(path.read_text())
+    return card if card.get("name") == name else {}
 
 
 @bp.post("/v1/captions")

@@ -8,11 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PHOTO_CAPTIONS
+from conftest import PHOTO_CAPTIONS, image_bytes
+from PIL import Image
+from test_images import photo_server
+from test_xmp import descriptions
 
 from captioner.cli import main
+from captioner.records import sentence_case
+from captioner.xmp import sidecar_path
 
 GOOD = {"cat.jpg", "coffee.JPG", "rocket.png"}
 BROKEN = {"empty.jpg", "random.png", "truncated.jpg"}
@@ -409,3 +415,70 @@ def test_confidence_in_every_format_and_min_confidence(tmp_path, image_folder, c
     refused = CliRunner().invoke(main, ["caption", files[0], "--weights", str(trained_checkpoint),
                                         "--min-confidence", "0.5"])
     assert refused.exit_code == 2 and "calibrate" in refused.output
+
+
+def test_sentence_case(image_folder, trained_checkpoint):
+    assert sentence_case("a cat sits on the floor") == "A cat sits on the floor."
+    assert sentence_case("is it a cat?") == "Is it a cat?" and sentence_case("") == ""
+    files = [image_folder / "cat.jpg", image_folder / "empty.jpg"]
+    common = ["--weights", trained_checkpoint, "--workers", 0]
+    txt = run("caption", *files, "--format", "txt", "--sentence-case", *common).stdout.splitlines()
+    assert txt[0] == f"{files[0]}\tA cat sits on the floor." and txt[1].startswith(f"{files[1]}\tERROR: ")
+    records = _records(run("caption", files[0], "--n-best", 2, "--sentence-case", *common).stdout)
+    assert all(c[0].isupper() and c.endswith(".") for c in [records[0]["caption"]] +
+               [a["caption"] for a in records[0]["alternatives"]])
+    # Without the flag captions stay as the model writes them.
+    assert _records(run("caption", files[0], *common).stdout)[0]["caption"] == PHOTO_CAPTIONS["cat"]
+
+
+def _xmp_description(path):
+    with Image.open(path) as img:
+        packet = img.info.get("xmp")
+    return None if packet is None else descriptions(packet)
+
+
+def test_write_xmp_sidecars_and_embedded(image_folder, trained_checkpoint):
+    cat, rocket, empty = image_folder / "cat.jpg", image_folder / "rocket.png", image_folder / "empty.jpg"
+    before = {p: p.read_bytes() for p in (cat, rocket)}
+    common = ["--weights", trained_checkpoint, "--workers", 0, "--sentence-case"]
+    result = run("caption", cat, rocket, empty, "--write-xmp", *common)
+    assert result.exit_code == 1  # empty.jpg
+    assert {p: p.read_bytes() for p in (cat, rocket)} == before  # sidecars never touch the photo
+    assert descriptions(sidecar_path(cat).read_bytes()) == {"x-default": "A cat sits on the floor."}
+    assert descriptions(sidecar_path(rocket).read_bytes()) == {"x-default": "A rocket on the launch pad."}
+    assert not sidecar_path(empty).exists()
+    # Embedded: JPEGs only; a PNG gets an error record that keeps its caption.
+    records = _by_name(_records(run("caption", cat, rocket, "--write-xmp-embedded", *common).stdout))
+    assert "error" not in records["cat.jpg"] and _xmp_description(cat) == {"x-default": "A cat sits on the floor."}
+    assert records["rocket.png"]["caption"] and "not a JPEG" in records["rocket.png"]["error"]
+    assert rocket.read_bytes() == before[rocket]
+    with Image.open(cat) as new, Image.open(io.BytesIO(before[cat])) as old:
+        assert np.array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_withheld_captions_write_no_xmp(tmp_path, image_folder, calibrated_checkpoint):
+    cat = image_folder / "cat.jpg"
+    base = ["caption", cat, "--weights", calibrated_checkpoint, "--workers", 0]
+    cut = _records(run(*base).stdout)[0]["confidence"] + 1e-4
+    before = cat.read_bytes()
+    result = run(*base, "--min-confidence", cut, "--write-xmp", "--write-xmp-embedded")
+    assert result.exit_code == 0 and _records(result.stdout)[0]["caption"] is None
+    assert not sidecar_path(cat).exists() and cat.read_bytes() == before
+
+
+def test_http_inputs_on_the_command_line(image_folder, trained_checkpoint, photos):
+    with photo_server(image_bytes(photos["cat"])) as base:
+        urls = [f"{base}/cat.jpg", f"{base}/missing.jpg"]
+        result = run("caption", *urls, "--weights", trained_checkpoint, "--workers", 0)
+        refused = run("caption", urls[0], "--write-xmp", "--weights", trained_checkpoint)
+    assert result.exit_code == 1
+    records = _records(result.stdout)
+    assert [r["path"] for r in records] == urls  # the URL as given, not folded into a path
+    assert records[0]["caption"] == PHOTO_CAPTIONS["cat"] and "HTTP 404" in records[1]["error"]
+    assert refused.exit_code == 2 and "is a URL" in refused.output
+
+
+def test_archive_flags_need_the_local_engine(tmp_path, image_folder):
+    for flag in ("--sentence-case", "--write-xmp", "--write-xmp-embedded"):
+        result = run("caption", image_folder, flag, "--engine", "ray", "--output", tmp_path / "out")
+        assert result.exit_code == 2 and "only with the local engine" in result.output

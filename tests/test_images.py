@@ -1,5 +1,9 @@
-"""load_image: every odd but valid image is read right, every bad one is an ImageError."""
+"""load_image: every odd but valid image is read right, every bad one is an ImageError;
+http(s) inputs for the CLI and the library (load_input)."""
+import contextlib
+import http.server
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -7,8 +11,9 @@ import torch
 from conftest import image_bytes, png_1bit
 from PIL import Image, ImageFile
 
-from captioner.images import (MAX_PIXELS, ImageError, collate_images, find_images, image_loader, load_image,
-                              preprocess)
+from captioner import images
+from captioner.images import (MAX_PIXELS, ImageError, collate_images, find_images, fetch_url, image_loader,
+                              load_image, load_input, preprocess)
 
 
 def _pixel(img, xy):
@@ -247,3 +252,96 @@ def test_dark_16_bit_image_stays_dark():
     # Values up to 255 in a 16-bit image are near black, not mid-grey 8-bit values.
     data = image_bytes(Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)), "PNG")
     assert np.asarray(load_image(data)).max() <= 1
+
+
+def test_heic_photos_are_read_and_found(tmp_path, photos):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    assert images.pillow_heif is pillow_heif and "HEIF" in images.IMAGE_FORMATS
+    photos["cat"].save(tmp_path / "cat.HEIC", format="HEIF", quality=95)
+    photos["cat"].save(tmp_path / "cat.heif", format="HEIF", quality=95)
+    assert [p.name for p in find_images([tmp_path])] == ["cat.HEIC", "cat.heif"]
+    img = load_image(tmp_path / "cat.HEIC")
+    assert img.mode == "RGB" and img.size == photos["cat"].size
+    difference = np.abs(np.asarray(img, dtype=float) - np.asarray(photos["cat"], dtype=float)).mean()
+    assert difference < 8  # lossy, but the same photo
+
+
+def test_heic_without_pillow_heif_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "pillow_heif", None)
+    monkeypatch.setattr(images, "IMAGE_FORMATS", [f for f in images.IMAGE_FORMATS if f != "HEIF"])
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(100)  # the start of an iPhone photo
+    (tmp_path / "IMG_0001.HEIC").write_bytes(heic)
+    for source in (heic, tmp_path / "IMG_0001.HEIC"):
+        with pytest.raises(ImageError, match=r"pip install 'captioner\[heif\]'"):
+            load_image(source)
+
+
+class PhotoHandler(http.server.BaseHTTPRequestHandler):
+    """/cat.jpg: a photo; /sized: 2,000 bytes announced; /unsized: 2,000 bytes, no length; else 404."""
+    photo = b""
+
+    def do_GET(self):
+        if self.path == "/cat.jpg":
+            self._send(self.photo, "image/jpeg")
+        elif self.path == "/sized":
+            self._send(bytes(2000), "image/jpeg")
+        elif self.path == "/unsized":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(bytes(2000))
+            self.close_connection = True
+        else:
+            self.send_error(404, "Not Found")
+
+    def _send(self, body, kind):
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def photo_server(photo):
+    """A local web server in a thread serving `photo` (JPEG bytes); yields its base URL."""
+    handler = type("Handler", (PhotoHandler,), {"photo": photo})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_inputs(photos):
+    photo = image_bytes(photos["cat"])
+    with photo_server(photo) as base:
+        assert fetch_url(f"{base}/cat.jpg") == photo
+        assert np.array_equal(np.asarray(load_input(f"{base}/cat.jpg")), np.asarray(load_image(photo)))
+        with pytest.raises(ImageError, match=r"cannot fetch .*/missing.jpg: HTTP 404"):
+            load_input(f"{base}/missing.jpg")
+        with pytest.raises(ImageError, match="2,000 bytes is over the download limit of 1,000"):
+            fetch_url(f"{base}/sized", max_bytes=1000)
+        with pytest.raises(ImageError, match="over the download limit of 1,000 bytes"):
+            fetch_url(f"{base}/unsized", max_bytes=1000)
+        assert len(fetch_url(f"{base}/unsized", max_bytes=2000)) == 2000
+        # URLs stay strings in a file list (Path would fold "//" into "/").
+        assert find_images([f"{base}/cat.jpg"]) == [f"{base}/cat.jpg"]
+    with pytest.raises(ImageError, match="cannot fetch"):  # the server is gone: connection refused
+        load_input(f"{base}/cat.jpg")
+    with pytest.raises(ImageError, match="no such file"):  # load_image itself never fetches (the server uses it)
+        load_image(f"{base}/cat.jpg")
+
+
+def test_library_captions_a_url(tiny_captioner, photos):
+    photo = image_bytes(photos["cat"])
+    with photo_server(photo) as base:
+        from_url = tiny_captioner.caption(f"{base}/cat.jpg")
+        assert [r["caption"] for r in tiny_captioner.caption([f"{base}/cat.jpg", photo])] == [from_url["caption"]] * 2
+        with pytest.raises(ImageError, match="HTTP 404"):
+            tiny_captioner.caption(f"{base}/missing.jpg")

@@ -395,3 +395,147 @@ def test_confidence_in_every_result_and_the_openapi_schema(calibrated_checkpoint
     response = post(calibrated.test_client(), files)
     assert response.status_code == 200
     assert all(0.0 <= r["confidence"] <= 1.0 for r in response.get_json()["results"])
+
+
+def test_docs_page_is_offline_and_its_assets_are_served(client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "http" not in csp and "unsafe" not in csp
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.get_data(as_text=True))
+    assert "/docs/swagger-ui-bundle.js" in refs and "/openapi.json" in refs
+    for ref in refs:
+        assert ref.startswith("/") and not ref.startswith("//"), ref  # this server only
+        asset = client.get(ref)
+        assert asset.status_code == 200 and asset.data, ref
+    assert b"/openapi.json" in client.get("/docs/docs.js").data
+    assert_error(client.get("/docs/index.html"), 404, "not_found")
+    assert_error(client.get("/docs/..%2Fapi.py"), 404)
+
+
+def _described(node, where, missing):
+    """Collect the places in an OpenAPI document where a parameter or schema property has
+    no description or no example."""
+    if isinstance(node, dict):
+        for name, prop in node.get("properties", {}).items():
+            if "$ref" not in prop and "description" not in prop:
+                missing.append(f"{where}.{name}: description")
+            if "$ref" not in prop and "example" not in prop and prop.get("type") not in ("array", "object"):
+                missing.append(f"{where}.{name}: example")
+        for p in node.get("parameters", []):
+            if "description" not in p or "example" not in p:
+                missing.append(f"{where} parameter {p['name']}")
+        for key, value in node.items():
+            _described(value, f"{where}.{key}", missing)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _described(value, f"{where}[{i}]", missing)
+    return missing
+
+
+def test_openapi_describes_every_parameter_and_field(client):
+    import dataclasses
+
+    from captioner.options import DecodeOptions
+
+    spec = client.get("/openapi.json").get_json()
+    assert _described(spec, "", []) == []
+    post_op = spec["paths"]["/v1/captions"]["post"]
+    form = post_op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    params = {p["name"]: p for p in post_op["parameters"]}
+    for f in dataclasses.fields(DecodeOptions):  # one text for each option: its help in options.py
+        assert f.metadata["help"] and params[f.name]["description"] == f.metadata["help"] == form[f.name]["description"]
+        DecodeOptions(**{f.name: params[f.name]["example"]})  # the example is a valid value
+
+
+def test_model_metadata(app, client, tiny_captioner):
+    import captioner
+    from server.api import model_info
+
+    r = client.get("/v1/model")
+    assert r.status_code == 200
+    body = r.get_json()
+    config = tiny_captioner.model.config
+    assert body["name"] == "tiny-test" and body["version"] == captioner.__version__
+    assert body["vocabulary_size"] == len(tiny_captioner.vocab) == config.vocab_size
+    assert body["config"] == config.to_dict() and config.encoder in body["architecture"]
+    assert body["encoder"] == {"name": config.encoder, "fine_tuned": False, "backend": tiny_captioner.backend}
+    # The shipped card names another model: it does not describe this one.
+    assert body["license"] is None and body["scores"] == [] and body["training_stages"] == []
+    spec = client.get("/openapi.json").get_json()
+    assert set(body) == set(spec["components"]["schemas"]["Model"]["required"])
+    with app.app_context():
+        assert model_info(tiny_captioner, None) == body
+
+
+def test_model_card_beside_the_checkpoint(tiny_captioner, tmp_path):
+    import json
+
+    from server.api import model_info
+
+    weights = tmp_path / "run" / "best.safetensors"
+    weights.parent.mkdir()
+    card = {"name": "tiny-test", "license": "MIT", "training_data": "two photos",
+            "scores": [{"set": "dev", "images": 2, "metrics": {"CIDEr": 0.5}}]}
+    (tmp_path / "run" / "best.card.json").write_text(json.dumps(card))
+    info = model_info(tiny_captioner, weights)
+    assert (info["license"], info["training_data"], info["scores"]) == ("MIT", "two photos", card["scores"])
+    (tmp_path / "run" / "best.card.json").write_text(json.dumps({**card, "name": "another-model"}))
+    assert model_info(tiny_captioner, weights)["license"] is None
+
+
+def test_shipped_card_is_the_shipped_model_s_and_matches_the_model_card():
+    import json
+
+    from safetensors import safe_open
+
+    from captioner.inference import DEFAULT_WEIGHTS
+    from server.api import card_path
+
+    card = json.loads(card_path(None).read_text())
+    with safe_open(str(DEFAULT_WEIGHTS), framework="pt") as f:
+        assert card["name"] == json.loads(f.metadata()["info"])["name"]
+    assert card["license"] and card["training_data"] and len(card["scores"]) == 2
+    model_card = (DEFAULT_WEIGHTS.parent / "MODEL_CARD.md").read_text()
+    for score in card["scores"]:  # each number is the model card's, in its default (bold) rows
+        for metric, value in score["metrics"].items():
+            assert f"**{value:.3f}**" in model_card, (score["set"], metric, value)
+
+
+def test_docs_page_renders_in_chromium_within_its_csp(app, tmp_path):
+    """Swagger UI draws every route of the document, and the browser reports nothing
+    blocked by the Content-Security-Policy (nor any other error)."""
+    import shutil
+    import threading
+    import time
+
+    from werkzeug.serving import make_server
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium and chromium-driver are not installed (make chromium)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_port}/docs")
+        operations = sum(len(ops) for ops in app.test_client().get("/openapi.json").get_json()["paths"].values())
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == operations)
+        time.sleep(0.5)  # let late console messages arrive
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        assert problems == []
+    finally:
+        driver.quit()
+        server.shutdown()

@@ -501,3 +501,100 @@ def test_runs_started_before_train_config_still_resume():
     config = TrainConfig.from_dict(json.loads(upgrade({"settings": json.dumps(old)})["config"]))
     assert (config.workers, config.decode.beam_size, config.cell, config.batch_size) == (0, 2, "gru", 4)
     assert "config" not in upgrade({})
+
+
+def test_self_critical_baseline_is_the_mean_of_the_other_samples():
+    from captioner.train import self_critical_advantage
+
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    advantage, baseline = self_critical_advantage(rewards)
+    assert torch.allclose(baseline, torch.tensor([[2.5, 2.0, 1.5], [0.5, 0.5, 0.5]]))
+    assert torch.allclose(advantage, torch.tensor([[-1.5, 0.0, 1.5], [0.0, 0.0, 0.0]]))  # equal samples: no signal
+
+
+def test_sampled_captions_end_once_and_their_log_probs_match_the_decoder(synthetic):
+    from captioner.train import allowed_words, sample_captions, sample_log_probs
+    from captioner.vocab import END_ID, PAD_ID
+
+    decoder, vocab, features = synthetic
+    allowed = allowed_words(4, len(vocab), features.device)
+    torch.manual_seed(0)
+    samples = sample_captions(decoder, features.repeat_interleave(8, 0), None, allowed)
+    assert samples.size(1) <= 5 and (samples[:, 0] != END_ID).all()
+    for row in samples.tolist():
+        n = row.index(END_ID) + 1  # every sample ends, within max_length + 1 tokens
+        assert n >= 2 and min(row[:n - 1]) > 3 and set(row[n:]) <= {PAD_ID}  # words, <END>, padding
+    start = torch.full((len(samples), 1), 1, dtype=torch.long)
+    with torch.no_grad():
+        logits = decoder(features.repeat_interleave(8, 0), torch.cat([start, samples[:, :-1]], 1))
+        log_probs = sample_log_probs(logits, samples, allowed)
+    assert torch.isfinite(log_probs).all() and (log_probs <= 0).all()
+    # A sample of the trained caption itself, drawn by a confident decoder, has log-prob near 0.
+    assert log_probs.max() > -1
+
+
+def test_scst_steps_raise_the_cider_of_the_greedy_caption(synthetic):
+    """An untrained decoder; a few SCST steps towards each image's reference raise the
+    CIDEr-D of its greedy captions (and of its samples)."""
+    from types import SimpleNamespace
+
+    from captioner.cider import CiderD
+    from captioner.model import CaptionDecoder, ModelConfig, greedy_search
+    from captioner.options import TrainConfig
+    from captioner.train import allowed_words, scst_batch_loss
+    from captioner.vocab import END_ID
+
+    _, vocab, features = synthetic  # four random 16-d features and a vocabulary of SYNTHETIC_CAPTIONS
+    references = ["a cat sits on the chair", "a rocket on the launch pad", "a cup of coffee",
+                  "two dogs play in the snow"]
+    cider = CiderD({i: [vocab.encode(c)[1:]] for i, c in enumerate(references)})  # <END> counted, <START> not
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(ModelConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=32, hidden_dim=64,
+                                         dropout=0.0))
+    images = torch.arange(4)
+
+    def greedy_reward():
+        decoder.eval()
+        captions = [r[0][0] + [END_ID] for r in greedy_search(decoder, features, max_length=8)]
+        decoder.train()
+        return cider.score(images.tolist(), captions).mean()
+
+    config = TrainConfig(data="d", out="o", max_caption_length=8, scst_samples=5)
+    model = SimpleNamespace(decoder=decoder)
+    allowed = allowed_words(8, len(vocab), features.device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    before, rewards = greedy_reward(), []
+    for _ in range(30):
+        loss, r = scst_batch_loss(model, decoder, features, None, images, cider, config, allowed)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rewards.append(r.mean().item())
+    assert greedy_reward() > before + 0.5, (before, greedy_reward(), rewards)
+    assert sum(rewards[-5:]) > sum(rewards[:5]) + 1
+
+
+def test_scst_objective_trains_resumes_and_is_kept(tmp_path, dataset, feature_cache):
+    run = tmp_path / "run"
+    text = tmp_path / "text.txt"
+    text.write_text("a zebra stands in a field\n")
+    train(dataset, run, feature_cache, "--epochs", 1, "--objective", "scst", "--scst-samples", 3,
+          "--text-data", text)
+    [row] = _rows(run)
+    assert row["captions"] == 3 * 3  # 3 readable training photos x 3 samples; text-only captions are not sampled
+    assert row["train_reward"] >= 0 and row["train_advantage"] >= 0 and row["train_time_s"] >= 0
+    assert read_checkpoint(run / "last.safetensors")[4]["train_config"]["objective"] == "scst"
+    assert Image.open(run / "curves.png").format == "PNG"
+    train(dataset, run, feature_cache, "--epochs", 2, "--resume")
+    assert [r["epoch"] for r in _rows(run)] == [1, 2] and "train_reward" in _rows(run)[1]
+    result = CliRunner().invoke(main, [str(a) for a in ["train", "--data", dataset, "--out", run, "--cache-dir",
+                                                         feature_cache, "--resume", "--epochs", 3, "--objective",
+                                                         "xe"]])
+    assert result.exit_code == 1 and "--objective was 'scst', now 'xe'" in result.output, result.output
+    result = CliRunner().invoke(main, [str(a) for a in ["train", "--data", dataset, "--out", tmp_path / "tuned",
+                                                         "--cache-dir", feature_cache, "--objective", "scst",
+                                                         "--fine-tune-encoder"]])
+    assert result.exit_code == 1 and "cannot be combined with --fine-tune-encoder" in result.output
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "x"),
+                                       "--scst-samples", "1"])
+    assert result.exit_code == 2 and "--scst-samples" in result.output
