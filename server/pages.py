@@ -23,11 +23,16 @@ CONTENT_SECURITY_POLICY = (
 bp = Blueprint("pages", __name__)
 
 
-@bp.get("/")
-def index():
-    response = send_from_directory(STATIC, "index.html")
+def _page(name):
+    """An HTML page of STATIC, under the page's Content-Security-Policy."""
+    response = send_from_directory(STATIC, name)
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     return response
+
+
+@bp.get("/")
+def index():
+    return _page("index.html")
 
 
 @bp.get("/static/<name>")
@@ -39,9 +44,7 @@ def static_file(name):
 
 @bp.get("/docs")
 def docs():
-    response = send_from_directory(STATIC, "docs.html")
-    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    return response
+    return _page("docs.html")
 
 
 @bp.get("/docs/<name>")
