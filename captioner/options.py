@@ -144,7 +144,8 @@ class TrainConfig:
     epochs: int = setting(30, limits=(1, None), changeable=True)
     batch_size: int = setting(64, "Captions per step in each process (under torchrun the global batch is this "
                                   "times the number of processes).", limits=(1, None))
-    lr: float = setting(4e-4, limits=(0, None), open_limits=(True, False))
+    lr: float = setting(None, "Learning rate (default: 4e-4 for a new model, 1e-4 from a trained one, "
+                              "--init-from).", limits=(0, None), open_limits=(True, False))
     lr_decay_epochs: int = setting(None, "Cosine-decay the learning rate to 5% over this many epochs, then keep it "
                                          "there (default: --epochs). Fix it to extend a run later with --resume "
                                          "--epochs N.", limits=(1, None))
@@ -190,7 +191,10 @@ class TrainConfig:
     amp: bool = setting(True, "Mixed precision on CUDA.", flag="--amp/--no-amp", changeable=True)
     fine_tune_encoder: bool = setting(False, "Train the CNN too (slow on a CPU).", flag="--fine-tune-encoder")
     init_from: str = setting(None, "Start from a trained model ('default' for the shipped one): its architecture "
-                                   "and vocabulary, extended with the new data's words.")
+                                   "and vocabulary, extended with the new data's words. Under 2,000 training "
+                                   "photos the shipped model is where a run starts unless --from-scratch.")
+    from_scratch: bool = setting(False, "Train a new model even on a small data set (under 2,000 training photos), "
+                                        "which by default starts from the shipped model.", flag="--from-scratch")
     cache_dir: str = setting(None, "Where image features are stored (default: ~/.cache/captioner or "
                                    "$CAPTIONER_CACHE).", path="out", changeable=True)
     backend: str = setting(DEFAULT_BACKEND, "How the encoder computes the stored features.", choices=BACKENDS)

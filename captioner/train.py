@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import run_state
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .concepts import shipped_concepts
 from .inference import DEFAULT_WEIGHTS, decode_features, resolve_device
 from .metrics import score_captions
@@ -58,6 +58,13 @@ from .vocab import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 LR_FLOOR = 0.05  # the cosine schedule ends at this share of each base learning rate
+# Where a run starts (starting_point): under this many training photos, from the shipped
+# model; the learning rates of a new model and of one that starts from a trained model.
+SMALL_DATA_PHOTOS = 2000
+NEW_MODEL_LR = 4e-4
+WARM_START_LR = 1e-4
+# A small run from scratch under this share of the shipped model's validation score is warned about.
+FAR_UNDER = 0.7
 SAMPLE_CAPTIONS = 5  # validation captions kept in each metrics.jsonl row, to read how the model talks
 
 
@@ -425,6 +432,7 @@ def _train(config, resume, procs, device):
     torch.manual_seed(config.seed + procs.rank)
 
     train_set, val_set, text_captions = read_training_records(config)
+    config = starting_point(config, len(train_set), state)
     model, vocab = build_model(config, train_set, text_captions, state, device)
     log.info("%d train and %d val images, %d text-only captions, vocabulary of %d words%s", len(train_set),
              len(val_set), len(text_captions), len(vocab), f", {procs.world} processes" if procs.world > 1 else "")
@@ -467,8 +475,40 @@ def _train(config, resume, procs, device):
         if progress.bad_epochs >= config.patience:
             log.info("no improvement for %d epochs: stopping early", config.patience)
             break
+    if config.init_from is None and len(train_set) < SMALL_DATA_PHOTOS:
+        warn_if_far_under_the_shipped_model(progress.best, len(train_set), validation, device, config, procs)
     procs.barrier()  # no process leaves (and tears the group down) while process 0 still writes
     return {"best": progress.best, "metric": config.select_metric, "out": str(out), "main": procs.main}
+
+
+def starting_point(config, train_photos, state):
+    """`config` with where a new run starts settled: a data set under SMALL_DATA_PHOTOS
+    starts from the shipped model (a new model learns little from a few hundred photos)
+    unless --from-scratch; the learning rate defaults to NEW_MODEL_LR, or WARM_START_LR
+    from a trained model. A resumed run keeps what it started with."""
+    if state:
+        return config
+    changes = {}
+    if config.init_from is None and not config.from_scratch and train_photos < SMALL_DATA_PHOTOS:
+        changes["init_from"] = "default"
+        log.info("%d training photos: starting from the shipped model (--init-from default); --from-scratch trains "
+                 "a new model instead", train_photos)
+    if config.lr is None:
+        changes["lr"] = WARM_START_LR if changes.get("init_from", config.init_from) else NEW_MODEL_LR
+    return config.replace(**changes) if changes else config
+
+
+def warn_if_far_under_the_shipped_model(best, train_photos, validation, device, config, procs):
+    """A small data set trained from scratch: say so when the shipped model captions the same
+    validation photos far better, with the way to start from it (every process scores, as
+    in evaluate; process 0 speaks)."""
+    shipped, vocab, _ = load_model(DEFAULT_WEIGHTS)
+    scores = evaluate(shipped.to(device), vocab, validation, device, config, procs)[0]
+    if procs.main and best < FAR_UNDER * scores[config.select_metric]:
+        log.warning("best val %s %.4f is far under the shipped model's %.4f on the same photos: %d photos are too "
+                    "few to train a new model; drop --from-scratch (or give --init-from default --lr %g) to start "
+                    "from the shipped one", config.select_metric, best, scores[config.select_metric],
+                    train_photos, WARM_START_LR)
 
 
 def train_step(model, procs, device):

@@ -33,7 +33,8 @@ def dataset(tmp_path_factory, photos):
 
 
 def run_training(processes, dataset, out, cache, *extra):
-    flags = ["train", "--data", dataset, "--out", out, "--cache-dir", cache, "--embed-dim", 32, "--hidden-dim", 32,
+    flags = ["train", "--from-scratch", "--data", dataset, "--out", out, "--cache-dir", cache, "--embed-dim", 32,
+             "--hidden-dim", 32,
              "--min-word-count", 1, "--workers", 0, "--lr", 5e-3, "--dropout", 0, "--device", "cpu",
              "--lr-decay-epochs", 3, *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),

@@ -40,7 +40,7 @@ def dataset(tmp_path_factory, photos):
 
 def train(dataset, out, cache, *extra):
     args = ["train", "--data", dataset, "--out", out, "--cache-dir", cache, "--embed-dim", 32, "--hidden-dim", 32,
-            "--min-word-count", 1, "--batch-size", 4, "--workers", 0, "--lr", 5e-3, *extra]
+            "--min-word-count", 1, "--batch-size", 4, "--workers", 0, "--lr", 5e-3, "--from-scratch", *extra]
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
@@ -147,7 +147,7 @@ def test_other_cells_and_layers_train(tmp_path, dataset, feature_cache, extra):
 
 def test_clear_errors(tmp_path, dataset, feature_cache):
     def invoke(*args):
-        return CliRunner().invoke(main, ["train", *map(str, args), "--cache-dir", str(feature_cache)])
+        return CliRunner().invoke(main, ["train", *map(str, args), "--cache-dir", str(feature_cache), "--from-scratch"])
 
     result = invoke("--data", dataset, "--out", tmp_path / "new", "--resume")
     assert result.exit_code == 1 and "no" in result.output and "train_state.pt" in result.output
@@ -324,7 +324,7 @@ def test_bad_data_is_refused_up_front(tmp_path, photos, feature_cache, caplog):
     (folder / "data.csv").write_text("\n".join(rows) + "\n")
     with caplog.at_level(logging.WARNING):
         result = CliRunner().invoke(main, ["train", "--data", str(folder / "data.csv"), "--out", str(tmp_path / "r"),
-                                           "--cache-dir", str(feature_cache)])
+                                           "--cache-dir", str(feature_cache), "--from-scratch"])
     assert result.exit_code == 1 and "lower --min-word-count" in result.output  # not an IndexError an epoch later
     assert "only 1 validation image" in caplog.text
     for name, content, message in (
@@ -598,3 +598,32 @@ def test_scst_objective_trains_resumes_and_is_kept(tmp_path, dataset, feature_ca
     result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(tmp_path / "x"),
                                        "--scst-samples", "1"])
     assert result.exit_code == 2 and "--scst-samples" in result.output
+
+
+def test_small_data_starts_from_the_shipped_model(tmp_path, dataset, feature_cache, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(run), "--cache-dir",
+                                           str(feature_cache), "--epochs", "1", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "4 training photos: starting from the shipped model" in caplog.text and "--from-scratch" in caplog.text
+    config = read_checkpoint(run / "best.safetensors")[4]["train_config"]
+    assert config["init_from"] == "default" and config["lr"] == 1e-4 and not config["from_scratch"]
+    caption = Captioner.from_pretrained(run / "best.safetensors", device="cpu").caption(dataset.parent / "cat.jpg")
+    assert "cat" in caption["caption"].split()  # a sensible caption, not a collapsed one
+
+
+def test_a_small_run_from_scratch_far_under_the_shipped_model_is_warned_about(monkeypatch, caplog):
+    import captioner.train as train_module
+    from captioner.options import TrainConfig
+    from captioner.train import Processes, warn_if_far_under_the_shipped_model
+
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: ({"CIDEr": 0.5}, {}, 0.0))
+    config = TrainConfig(data="d", out="o", from_scratch=True)
+    with caplog.at_level(logging.WARNING):
+        warn_if_far_under_the_shipped_model(0.2, 60, None, torch.device("cpu"), config, Processes())
+    assert "best val CIDEr 0.2000 is far under the shipped model's 0.5000" in caplog.text
+    assert "60 photos are too few" in caplog.text and "drop --from-scratch" in caplog.text
+    caplog.clear()
+    warn_if_far_under_the_shipped_model(0.45, 60, None, torch.device("cpu"), config, Processes())
+    assert not caplog.text
