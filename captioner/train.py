@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from . import run_state
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .evidence import PersonHead
 from .concepts import shipped_concepts
 from .inference import DEFAULT_WEIGHTS, decode_features, resolve_device
 from .metrics import score_captions
@@ -151,12 +152,28 @@ def build_model(config, train_set, text_captions, state, device):
         warm_start(model, init[3], config.fine_tune_encoder, source)
         log.info("warm start from %s (%d words kept, %d new)", source, len(init[1]),
                  len(vocab) - len(init[1]))
+    if source and not config.fine_tune_encoder:
+        model.person_head = person_head_of(init[3] if init else read_checkpoint(source)[3], source, model_config)
     model.encoder_tuned = config.fine_tune_encoder
     model.encoder.requires_grad_(config.fine_tune_encoder)
     # The classifier head only gives concepts (under no_grad): no gradient reaches it, and
     # DDP refuses trainable weights that get none.
     model.encoder._fc.requires_grad_(False)
     return model, vocab
+
+
+def person_head_of(tensors, source, model_config):
+    """The person detector of the checkpoint a run starts from, or None: it reads the frozen
+    encoder's feature, which training does not change, so it stays valid. The confidence
+    depends on the decoder and is not carried over: `captioner calibrate` fits it anew."""
+    head = {k[len("person_head."):]: v for k, v in tensors.items() if k.startswith("person_head.")}
+    if not head:
+        return None
+    log.info("the person detector of %s is kept; run `captioner calibrate` on the new model for a confidence",
+             source)
+    person_head = PersonHead(model_config.feature_dim)
+    person_head.load_state_dict(head)
+    return person_head
 
 
 def warm_start(model, tensors, fine_tune_encoder, source):

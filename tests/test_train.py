@@ -609,8 +609,11 @@ def test_small_data_starts_from_the_shipped_model(tmp_path, dataset, feature_cac
     assert "4 training photos: starting from the shipped model" in caplog.text and "--from-scratch" in caplog.text
     config = read_checkpoint(run / "best.safetensors")[4]["train_config"]
     assert config["init_from"] == "default" and config["lr"] == 1e-4 and not config["from_scratch"]
-    caption = Captioner.from_pretrained(run / "best.safetensors", device="cpu").caption(dataset.parent / "cat.jpg")
-    assert "cat" in caption["caption"].split()  # a sensible caption, not a collapsed one
+    retrained = Captioner.from_pretrained(run / "best.safetensors", device="cpu")
+    assert "cat" in retrained.caption(dataset.parent / "cat.jpg")["caption"].split()  # sensible, not collapsed
+    # The shipped person detector reads the same frozen features: kept. The confidence is the decoder's: not.
+    assert retrained.model.person_head is not None and retrained.model.calibration is None
+    assert "run `captioner calibrate`" in caplog.text
 
 
 def test_a_small_run_from_scratch_far_under_the_shipped_model_is_warned_about(monkeypatch, caplog):
