@@ -50,8 +50,8 @@ def decode_features(model, vocab, features, decode=DecodeOptions()):
     `alternatives` the other n-best candidates, and `objects` the concepts the encoder's
     classifier is sure of ({"label", "word", "p"}), which grounding forces into the caption."""
     class_logits = model.classify_features(features)
-    concepts = model.decoder_concepts(class_logits)
-    concept_p = model.concepts.concept_probs(class_logits)  # (B, C), also for a decoder without concepts
+    concept_p = model.concepts.concept_probs(class_logits)  # (B, C): for the evidence, whatever the decoder takes
+    concepts = concept_p if model.config.num_concepts else None  # the decoder's input (decoder_concepts)
     person_p = model.person_head(features) if model.person_head is not None else None  # (B,)
     objects = model.concepts.detect(class_logits, decode.concept_threshold)
     constraints = [grounding_constraints(model.concepts, vocab, found, decode) for found in objects]
