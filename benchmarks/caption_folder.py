@@ -13,7 +13,8 @@ Everything runs on the same folder of photo-sized JPEGs (made from the bundled e
 The goals: the `auto` pipeline >= 4x the naive loop, and >= 0.8x its backend's own
 encoder-only rate. `--no-grounding` adds ungrounded pipeline rows, `--without-evidence`
 pipeline rows with the decoding levers of evidence.py off (no repeat blocks, no negative
-evidence, no person detector: what their cost is measured against); `--weights` other models.
+evidence, no person detector: what their cost is measured against); `--weights` other models
+(the auto backend's grounded pipeline, e.g. a pooled model against the attention default).
 
 `--stages` adds, per backend, the CPU time per image of each stage the pipeline runs:
 reading + preprocessing the JPEGs (`load_image`, `preprocess`), the encoder on pre-decoded
@@ -76,13 +77,16 @@ def timed(fn, n):
     return n / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / n, out
 
 
-def decode_only(captioner, features, options, batch_size):
-    """-> (images/s, CPU ms per image) of the beam search on precomputed features."""
+def decode_only(captioner, encoded, options, batch_size):
+    """-> (images/s, CPU ms per image) of the beam search on precomputed (features, maps)."""
+    features, maps = encoded
+
     def run():
         with torch.inference_mode():
             for s in range(0, len(features), batch_size):
-                decode_features(captioner.model, captioner.vocab, features[s:s + batch_size], options)
-    decode_features(captioner.model, captioner.vocab, features[:batch_size], options)  # warm-up
+                decode_features(captioner.model, captioner.vocab, features[s:s + batch_size], options,
+                                maps[s:s + batch_size])
+    decode_features(captioner.model, captioner.vocab, features[:batch_size], options, maps[:batch_size])  # warm-up
     rate, cpu_ms, _ = timed(run, len(features))
     return rate, cpu_ms
 
@@ -162,7 +166,7 @@ def main():
         for weights in args.weights:
             other = file_captioner(weights, device="cpu")
             other.caption(load_image(paths[0]))
-            others.append((weights, pipeline(other, paths, plain, args.batch_size, args.workers)))
+            others.append((weights, pipeline(other, paths, grounded, args.batch_size, args.workers)))
     print()
     print("| backend | encoder only, images/s | pipeline, images/s | pipeline / encoder only | pipeline / naive |"
           + (" pipeline without grounding |" if args.no_grounding else "")
@@ -175,7 +179,7 @@ def main():
                                                                   if rate_off else ""))
     print(f"| naive loop (torch fp32) | | {naive:.1f} | | 1.00 |")
     for weights, rate in others:
-        print(f"{weights}: {rate:.1f} images/s without grounding")
+        print(f"{weights} (auto backend, grounded pipeline): {rate:.1f} images/s")
     for name, enc, enc_cpu, rate, found, threads in per_stage:
         print_stages(name, enc, enc_cpu, rate, found, threads, available_cores())
 

@@ -28,7 +28,7 @@ def main():
         with tempfile.TemporaryDirectory() as cache:
             t0 = time.perf_counter()
             compute_features(model, paths, model.encoder._fc.weight.device, cache, num_workers=args.workers,
-                             backend=backend)
+                             backend=backend, spatial=model.config.attention)
             seconds = time.perf_counter() - t0
         rates[backend] = seconds
         print(f"{backend}: {len(paths)} photos in {seconds:.0f} s ({len(paths) / seconds:.1f} images/s)", flush=True)

@@ -40,12 +40,20 @@ def load_sets(root):
     return coco, flickr, imagenet
 
 
-def caption_all(captioner, features, options, batch_size=250):
+def caption_all(captioner, encoded, options, batch_size=250):
+    features, maps = encoded
     out = []
     for s in range(0, len(features), batch_size):
+        spatial = maps[s:s + batch_size].float().to(captioner.device) if maps is not None else None
         out += decode_features(captioner.model, captioner.vocab, features[s:s + batch_size].to(captioner.device),
-                               options)
+                               options, spatial)
     return out
+
+
+def encoded(model, paths, device, spatial):
+    """-> (features, maps or None) of `paths` from the feature store."""
+    found = compute_features(model, paths, device, num_workers=1, backend="torch", spatial=spatial)
+    return found[0], found[1] if spatial else None
 
 
 def scores(records, results):
@@ -71,7 +79,8 @@ def main():
     for weights in args.weights:
         captioner = Captioner.from_pretrained(weights, device="cpu", backend="torch")
         # fp32 features: the thresholds were chosen on them, and the backends are judged against them
-        feats = {name: compute_features(captioner.model, paths, captioner.device, num_workers=1, backend="torch")[0]
+        attention = captioner.model.config.attention
+        feats = {name: encoded(captioner.model, paths, captioner.device, attention)
                  for name, paths in (("coco", [r.image for r in coco]), ("flickr", [r.image for r in flickr]),
                                      ("imagenet", [p for p, _ in imagenet]))}
         for options in settings:

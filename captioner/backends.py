@@ -1,5 +1,6 @@
-"""Encoder backends: the same pooled EfficientNet-Lite features from torch fp32 (the
-reference), torch with bf16 autocast, or ONNX Runtime in fp32 or static int8.
+"""Encoder backends: the same EfficientNet-Lite features, the pooled vector and the spatial
+map it is the mean of, from torch fp32 (the reference), torch with bf16 autocast, or ONNX
+Runtime in fp32 or static int8. Every backend returns both from one pass.
 
 On a CPU the encoder is nearly the whole cost of a caption, and its speed depends on the
 machine: bf16 beats fp32 where the CPU has native bf16 (avx512_bf16 / AMX) and is slower
@@ -28,8 +29,8 @@ CIDER_VS_FP32 = {"torch": 1.0, "torch-bf16": 0.997, "onnx": 1.0, "onnx-int8": 0.
 MIN_CIDER_RATIO = 0.99
 AUTO_ORDER = ("onnx", "torch-bf16", "onnx-int8")  # fastest end to end first (benchmarks/caption_folder.py)
 # How far each backend's features may be from fp32's: the relative error |f - f32| / |f32|
-# of one image's pooled feature, set just above what real photos give (tests/test_backends.py
-# checks it on skimage's photos).
+# of one image's pooled feature (and of its spatial map, whole), set just above what real
+# photos give (tests/test_backends.py checks it on skimage's photos).
 FEATURE_TOLERANCE = {"torch": 1e-5, "torch-bf16": 0.1, "onnx": 1e-4, "onnx-int8": 0.3}
 
 
@@ -75,10 +76,11 @@ class TorchEncoder:
 
     @torch.inference_mode()
     def __call__(self, pixels):
-        """(B, 3, 224, 224) preprocessed pixels -> (B, feature_dim) float32 features."""
+        """(B, 3, 224, 224) preprocessed pixels -> float32 (pooled (B, D), spatial (B, P, D))."""
         x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.encoder(x).float()
+            pooled, spatial = self.encoder.forward_maps(x)
+        return pooled.float(), spatial.float()
 
 
 class OnnxEncoder:
@@ -97,13 +99,15 @@ class OnnxEncoder:
         self.name = name
 
     def __call__(self, pixels):
+        """As TorchEncoder: -> (pooled (B, D), spatial (B, P, D)), float32."""
         x = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {"pixels": x})[0])
+        pooled, spatial = self.session.run(["features", "spatial"], {"pixels": x})
+        return torch.from_numpy(pooled), torch.from_numpy(spatial)
 
 
 def load_backend(encoder, backend=DEFAULT_BACKEND, device=torch.device("cpu"), cache_dir=None, threads=None,
                  calibration=None):
-    """An encoder callable (pixels -> features) for `encoder` (an EfficientNetLite).
+    """An encoder callable (pixels -> (pooled, spatial)) for `encoder` (an EfficientNetLite).
     `calibration`: a folder of photos for int8 calibration (default: the bundled examples)."""
     chosen = resolve_backend(backend, device)
     if chosen.startswith("onnx"):

@@ -42,15 +42,20 @@ def calibrate_checkpoint(checkpoint, config, device=DEFAULT_DEVICE, workers=None
     if not train or not dev:
         raise ValueError(f"{config.data}: calibrate needs a train and a validation split")
 
-    def features_of(paths):
-        feats, ok = compute_features(model, paths, device, config.cache_dir or DEFAULT_CACHE_DIR, num_workers=workers,
-                                     backend=backend)
-        return feats.to(device)[torch.tensor(ok, dtype=torch.bool)], ok
+    def features_of(paths, spatial=False):
+        """-> (the readable photos' features, with `spatial` their maps, on `device`; ok per path)."""
+        found = compute_features(model, paths, device, config.cache_dir or DEFAULT_CACHE_DIR, num_workers=workers,
+                                 backend=backend, spatial=spatial)
+        ok = torch.tensor(found[-1], dtype=torch.bool)
+        return (*(t[ok].to(device) for t in found[:-1]), found[-1])
 
     report = {"person_head": fit_person_head(model, train, no_people_photos(config.no_people), features_of)}
-    dev_features, ok = features_of([r.image for r in dev])
+    if model.config.attention:
+        dev_features, dev_maps, ok = features_of([r.image for r in dev], spatial=True)
+    else:
+        (dev_features, ok), dev_maps = features_of([r.image for r in dev]), None
     dev = [r for r, good in zip(dev, ok, strict=True) if good]
-    report["confidence"] = fit_confidence(model, vocab, dev, dev_features, config)
+    report["confidence"] = fit_confidence(model, vocab, dev, dev_features, config, dev_maps)
     info = {**info, "calibrated_on": {"data": str(config.data), "no_people": config.no_people,
                                       "also": list(config.also)}}
     save_checkpoint(config.out, model, vocab, info)
@@ -93,15 +98,17 @@ def fit_person_head(model, train, no_people, features_of):
     return {"photos": len(people), "no_people": len(x) - len(people), "fit_auroc": auroc(fitted, (y >= 0.5).tolist())}
 
 
-def fit_confidence(model, vocab, dev, features, config):
-    """Fit model.calibration on the dev records' captions; -> its fit AUROC and reliability."""
+def fit_confidence(model, vocab, dev, features, config, maps=None):
+    """Fit model.calibration on the dev records' captions (features and, for an attention
+    model, maps); -> its fit AUROC and reliability."""
     decode = DecodeOptions()
     model.calibration = None
     results, signals = [], []
     with torch.inference_mode():
         for s in range(0, len(features), config.batch_size):
             chunk = features[s:s + config.batch_size]
-            results += decode_features(model, vocab, chunk, decode)
+            spatial = maps[s:s + config.batch_size].float() if maps is not None else None
+            results += decode_features(model, vocab, chunk, decode, spatial)
             concept_p = model.concepts.concept_probs(model.classify_features(chunk)).cpu()
             person_p = model.person_head(chunk).cpu()
             signals += [caption_signals(r["caption"], r["score"], concept_p[i], person_p[i], model.concepts)

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -173,6 +174,9 @@ def main():
 @click.option("--write-xmp-embedded", is_flag=True,
               help="Also write each caption into the JPEG's own XMP (dc:description); rewrites the file, "
                    "keeping every other byte. JPEG only.")
+@click.option("--attention-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write, for each photo, a PNG of what the model looked at for each caption word (attention "
+                   "models; implies --attention), into this folder.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 1024))
 @workers_flag()
 @device_flag()
@@ -187,7 +191,7 @@ def main():
 @click.option("--address", default=None, help="Ray engine: a running cluster to join ('auto', or ray://host:10001).")
 @gather("model", "weights", "device", "backend")  # inference.file_captioner's arguments
 @gather("ray", "actors", "gpus_per_actor", "address")  # the Ray engine's
-@gather("archive", "sentence_case", "write_xmp", "write_xmp_embedded")  # what _finish_record does
+@gather("archive", "sentence_case", "write_xmp", "write_xmp_embedded", "attention_dir")  # done to each record
 def caption(paths, files_from, recursive, output, fmt, resume, decode, min_confidence, batch_size, workers, model,
             engine, ray, archive):
     """Caption image files, folders and http(s) URLs. One record per file: {"path", "caption",
@@ -202,6 +206,10 @@ def caption(paths, files_from, recursive, output, fmt, resume, decode, min_confi
     if missing:
         raise click.UsageError(f"path {missing[0]!r} does not exist")
     _check_archive_flags(archive, engine, [p for p in [*paths, *listed] if is_url(p)])
+    if archive["attention_dir"]:
+        decode = decode.replace(attention=True)
+    if decode.attention and engine == "ray":
+        raise click.UsageError("--attention and --attention-dir: only with the local engine")
     if resume and not output:
         raise click.UsageError("--resume needs --output (the file or folder to continue)")
     if min_confidence is not None:
@@ -361,7 +369,11 @@ def _open_output(output, append):
 
 def _caption_records(captioner, files, decode, batch_size, workers, min_confidence, alternatives, archive):
     """One record per file, in order (records.caption_record); `alternatives`: include the
-    n-best candidates; `archive`: see _finish_record."""
+    n-best candidates (and the attention maps) of jsonl; `archive`: see _finish_record."""
+    if decode.attention and not captioner.model.config.attention:
+        raise click.UsageError("--attention: this model reads the pooled feature only and has no attention maps")
+    local = [Path(f).resolve().parent for f in files if "://" not in str(f)]
+    root = Path(os.path.commonpath(local)) if local else None  # --attention-dir mirrors the folders below it
     for i, result, error in captioner.caption_files(files, decode, batch_size, workers):
         if error is not None:
             yield {"path": str(files[i]), "error": error}
@@ -369,7 +381,26 @@ def _caption_records(captioner, files, decode, batch_size, workers, min_confiden
         record = caption_record(str(files[i]), result, min_confidence)
         if decode.n_best > 1 and alternatives:
             record["alternatives"] = result["alternatives"]
-        yield _finish_record(record, files[i], archive)
+        if decode.attention and alternatives:
+            record["attention"] = result["attention"]
+        record = _finish_record(record, files[i], archive)
+        if archive["attention_dir"] and record["caption"] is not None:  # a withheld caption is not drawn either
+            _write_attention_png(record, archive["attention_dir"], files[i], result, root)
+        yield record
+
+
+def _write_attention_png(record, folder, file, result, root):
+    """--attention-dir: write the figure of one photo (heatmaps.py) titled with the record's
+    caption (as written: --sentence-case) and put its path in the record as "attention_png";
+    a failure makes the record an error that keeps its caption."""
+    from .heatmaps import write_figure
+    from .images import ImageError, load_input
+
+    try:
+        record["attention_png"] = str(write_figure(folder, file, load_input(file), result["attention"],
+                                                   record["caption"], root))
+    except (ImageError, OSError) as e:
+        record["error"] = f"attention map not written: {e}"
 
 
 def _finish_record(record, file, archive):
@@ -440,7 +471,7 @@ def _close_quietly(stream, output):
 
 @main.command()
 @config_flags(TrainConfig)
-@decode_flags(exclude=("n_best", "max_length"))  # TrainConfig sets them: one caption, max_caption_length words
+@decode_flags(exclude=("n_best", "max_length", "attention"))  # TrainConfig sets them (one caption, no maps)
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 def train(values, given, decode, resume):
     """Train a captioner; the best checkpoint is OUT/best.safetensors. Validation captions
@@ -476,7 +507,7 @@ def train(values, given, decode, resume):
               help="A training run folder: its best checkpoint, on the data, layout and split it trained with "
                    "(--data and the rest may be left out).")
 @config_flags(EvalConfig)
-@decode_flags(exclude=("n_best",))  # one caption per image is scored
+@decode_flags(exclude=("n_best", "attention"))  # one caption per image is scored
 @device_flag()
 @workers_flag()
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
@@ -668,8 +699,10 @@ def cache_info(cache_dir):
         click.echo(f"no feature stores in {cache_dir or DEFAULT_CACHE_DIR}")
     for r in rows:
         entries = "?" if r["entries"] is None else f"{r['entries']} features, {r['failed']} unreadable"
+        maps = f" ({r['spatial_entries']} with spatial maps, {r['spatial_bytes'] / 1e6:.1f} MB of it)" \
+            if r.get("spatial") else ""
         click.echo(f"{r['version']}/{r['store']}  {r['root']}  {entries}, {r['shards']} shard(s), "
-                   f"{r['bytes'] / 1e6:.1f} MB")
+                   f"{r['bytes'] / 1e6:.1f} MB{maps}")
 
 
 @main.command()

@@ -15,6 +15,8 @@ from torch import nn
 ENCODER_NAME = "efficientnet-lite0"
 FEATURE_DIM = 1280
 IMAGE_SIZE = 224
+MAP_SIZE = IMAGE_SIZE // 32  # the spatial map is 7x7 positions over the (squashed) photo
+MAP_POSITIONS = MAP_SIZE * MAP_SIZE
 # Lite models were trained on inputs scaled as (x*255 - 127) / 128.
 MEAN = (127.0 / 255.0,) * 3
 STD = (128.0 / 255.0,) * 3
@@ -72,7 +74,8 @@ class MBConvBlock(nn.Module):
 
 class EfficientNetLite(nn.Module):
     """EfficientNet-Lite0. `forward_features` gives the spatial map (B, 1280, H/32, W/32),
-    `forward` the pooled feature vector (B, 1280), `classify` the ImageNet logits."""
+    `forward` the pooled feature vector (B, 1280), `forward_maps` both (the map laid out as
+    positions, what an attention decoder reads), `classify` the ImageNet logits."""
 
     def __init__(self, num_classes=1000):
         super().__init__()
@@ -95,6 +98,12 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x):
         return self.forward_features(x).mean(dim=(2, 3))
+
+    def forward_maps(self, x):
+        """-> (pooled (B, D), spatial (B, P, D)) from one pass: P = (H/32) * (W/32) positions,
+        49 at 224x224, row by row from the top left; the pooled vector is their mean."""
+        maps = self.forward_features(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, P, D)
+        return maps.mean(dim=1), maps
 
     def classify(self, x):
         return self._fc(self.forward(x))

@@ -21,7 +21,7 @@ from .machine import DEFAULT_CACHE_DIR, atomic_write
 
 log = logging.getLogger(__name__)
 
-ONNX_EXPORT_VERSION = "v1"  # bump when the export or quantisation recipe changes
+ONNX_EXPORT_VERSION = "v2"  # bump when the export or quantisation recipe changes
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # the default int8 calibration photos
 CALIBRATION_LIMIT = 64  # photos read for int8 calibration
 
@@ -57,8 +57,20 @@ def onnx_file(encoder, cache_dir=None, int8=False, calibration=None):
     raise OSError(f"no writable folder for {name}")
 
 
+class _PooledAndMaps(torch.nn.Module):
+    """The encoder as exported: both of EfficientNetLite.forward_maps's outputs."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels):
+        return self.encoder.forward_maps(pixels)
+
+
 def export_onnx(encoder, out):
-    """Export `encoder` (pixels (B, 3, 224, 224) -> pooled features (B, D)) to `out`."""
+    """Export `encoder` to `out`: pixels (B, 3, 224, 224) -> "features", the pooled vector
+    (B, D), and "spatial", the map it is the mean of (B, P, D), from one pass."""
     out = Path(out)
     encoder = encoder.to("cpu", memory_format=torch.contiguous_format).eval()
     example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -66,8 +78,11 @@ def export_onnx(encoder, out):
     with warnings.catch_warnings():  # "same" padding is traced as constants for 224x224: intended
         warnings.simplefilter("ignore")
         with atomic_write(out) as tmp:
-            torch.onnx.export(encoder, (example,), str(tmp), input_names=["pixels"], output_names=["features"],
-                              dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+            # .eval(): export puts the module back in the mode it found it in, and a new wrapper is in
+            # training mode, which would leave the encoder's BatchNorm layers training afterwards.
+            torch.onnx.export(_PooledAndMaps(encoder).eval(), (example,), str(tmp), input_names=["pixels"],
+                              output_names=["features", "spatial"],
+                              dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}, "spatial": {0: "batch"}},
                               opset_version=17, dynamo=False)
     return out
 

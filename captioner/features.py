@@ -1,7 +1,8 @@
 """Image features for `captioner train`: each photo is encoded once and kept in the feature
 store (feature_store.py), so that a rerun, or another run on the same photos, starts
 decoding at once. `encode_missing` fills the store; `compute_features` fills it and reads
-the features back.
+the features back. For an attention model (`spatial=True`) the store keeps each photo's
+7x7 map too, as float16, under keys of their own: a pooled-only entry never stands in for one.
 """
 import logging
 import os
@@ -11,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .backends import load_backend, resolve_backend
+from .encoder import MAP_POSITIONS
 from .export import weights_hash
 from .feature_store import FEATURE_CACHE_VERSION, FeatureStore, common_folder, file_info, file_key
 from .images import image_loader
@@ -31,15 +33,17 @@ class _KeyedPaths(NamedTuple):
     files: list  # per path, (real path, size, mtime_ns)
     backend: str  # the resolved backend name ("auto" replaced)
     weights: str  # export.weights_hash of the encoder
+    spatial: bool  # entries with the spatial maps
 
 
-def _key_paths(model, paths, device, cache_dir, backend):
+def _key_paths(model, paths, device, cache_dir, backend, spatial=False):
     files = [file_info(p) for p in paths]
     name = resolve_backend(backend, device)
     weights = weights_hash(model.encoder)  # once per call, not per image: it hashes every weight
-    keys = [file_key(*f, name, weights) for f in files]
+    kind = f"{name}+maps" if spatial else name
+    keys = [file_key(*f, kind, weights) for f in files]
     root = common_folder([f[0] for f in files]) if files else os.getcwd()
-    return _KeyedPaths(list(paths), FeatureStore(cache_dir, root), keys, files, name, weights)
+    return _KeyedPaths(list(paths), FeatureStore(cache_dir, root), keys, files, name, weights, spatial)
 
 
 def _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, part):
@@ -55,13 +59,16 @@ def _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, p
     encode = load_backend(model.encoder, backend, device, cache_dir)  # only made when something needs encoding
     log.info("encoding %d images with %s (%d already stored in %s)", len(todo), encode.name,
              len(paths) - len(todo), keyed.store.folder)
-    keys, feats, files, failed = [], [], [], []  # not yet written
+    keys, feats, maps, files, failed = [], [], [], [], []  # not yet written
 
     def flush():
-        rows = torch.cat(feats) if feats else torch.zeros(0, model.config.feature_dim)  # (N, D)
-        keyed.store.write(keys, rows, files, failed, backend=keyed.backend, weights=keyed.weights,
-                          version=FEATURE_CACHE_VERSION)
-        for pending in (keys, feats, files, failed):
+        dim = model.config.feature_dim
+        rows = torch.cat(feats) if feats else torch.zeros(0, dim)  # (N, D)
+        spatial = (torch.cat(maps) if maps else torch.zeros(0, MAP_POSITIONS, dim, dtype=torch.float16)) \
+            if keyed.spatial else None  # (N, P, D)
+        keyed.store.write(keys, rows, files, failed, spatial=spatial, backend=keyed.backend,
+                          weights=keyed.weights, version=FEATURE_CACHE_VERSION)
+        for pending in (keys, feats, maps, files, failed):
             pending.clear()
 
     encoded = 0
@@ -73,7 +80,10 @@ def _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, p
             for j, err in errors.items():
                 failed.append((keyed.keys[todo[j]], keyed.files[todo[j]], err))
             if pixels is not None:
-                feats.append(encode(pixels).float().cpu())  # (B, D)
+                pooled, spatial = encode(pixels)
+                feats.append(pooled.float().cpu())  # (B, D)
+                if keyed.spatial:
+                    maps.append(spatial.to("cpu", torch.float16))  # (B, P, D)
                 keys.extend(keyed.keys[todo[j]] for j in idx)
                 files.extend(keyed.files[todo[j]] for j in idx)
                 encoded += len(idx)
@@ -89,7 +99,7 @@ def _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, p
 
 @torch.inference_mode()
 def encode_missing(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=BATCH_SIZE, num_workers=None,
-                   backend=DEFAULT_BACKEND, part=(0, 1)):
+                   backend=DEFAULT_BACKEND, part=(0, 1), spatial=False):
     """Encode the images of `paths` that the store has neither a feature nor a decoding
     failure for, writing a new shard every FLUSH_EVERY images. part=(rank, world): only this
     rank's share, paths[rank::world] (multi-GPU: every rank encodes its share, a barrier, then
@@ -99,24 +109,27 @@ def encode_missing(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size
         raise ValueError(f"part {part}: want (rank, world) with 0 <= rank < world")
     if not paths:
         return 0
-    keyed = _key_paths(model, paths, device, cache_dir, backend)
+    keyed = _key_paths(model, paths, device, cache_dir, backend, spatial)
     return _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, part)
 
 
 @torch.inference_mode()
 def compute_features(model, paths, device, cache_dir=DEFAULT_CACHE_DIR, batch_size=BATCH_SIZE, num_workers=None,
-                     backend=DEFAULT_BACKEND):
+                     backend=DEFAULT_BACKEND, spatial=False):
     """Pooled encoder features for `paths`, computed once with the encoder `backend` and kept
     in the feature store, keyed by image file (path, size, mtime), encoder weights and version,
-    and backend. -> (features (N, D) float32 with zeros where the image failed, list of bool ok)."""
+    and backend. -> (features (N, D) float32 with zeros where the image failed, list of bool ok);
+    with `spatial`, (features, maps (N, P, D) float16, ok)."""
     dim = model.config.feature_dim
     if not paths:
-        return torch.zeros(0, dim), []
-    keyed = _key_paths(model, paths, device, cache_dir, backend)
+        empty = torch.zeros(0, dim)
+        return (empty, torch.zeros(0, MAP_POSITIONS, dim, dtype=torch.float16), []) if spatial else (empty, [])
+    keyed = _key_paths(model, paths, device, cache_dir, backend, spatial)
     _encode(keyed, model, device, cache_dir, batch_size, num_workers, backend, (0, 1))
-    features, ok = keyed.store.gather(keyed.keys, dim)
+    found = keyed.store.gather(keyed.keys, dim, spatial=(MAP_POSITIONS, dim) if spatial else None)
+    ok = found[-1]
     bad = [i for i, good in enumerate(ok) if not good]
     if bad:
         error = keyed.store.failure(keyed.keys[bad[0]]) or "not in the feature store"
         log.warning("skipped %d unreadable images (e.g. %s: %s)", len(bad), paths[bad[0]], error)
-    return features, ok
+    return found

@@ -10,9 +10,11 @@ from PIL import Image
 from .backends import load_backend, resolve_backend
 from .checkpoint import load_model
 from .evidence import banned_words, caption_signals, repeat_rules_for
+from .encoder import MAP_SIZE
 from .images import image_loader, load_input, preprocess
 from .machine import pipeline_threads
 from .model import beam_search, greedy_search
+from .vocab import START_ID
 from .options import DEFAULT_BACKEND, DEFAULT_DEVICE, DecodeOptions
 
 
@@ -41,14 +43,20 @@ def resolve_device(device=DEFAULT_DEVICE):
     return device
 
 
-def decode_features(model, vocab, features, decode=DecodeOptions()):
-    """Pooled image features -> one result dict per image:
+def decode_features(model, vocab, features, decode=DecodeOptions(), spatial=None):
+    """Pooled image features (B, D) and, for an attention model, their spatial maps
+    (B, P, D) -> one result dict per image:
     {"caption", "score", "log_prob", "confidence", "alternatives": [...], "objects": [...]}
     `score` is the length-normalised log-probability that ranks the candidates, `log_prob`
     the caption's total log-probability, `confidence` the estimated probability that the
     caption names nothing absent (None for a model without a calibration, evidence.py),
     `alternatives` the other n-best candidates, and `objects` the concepts the encoder's
-    classifier is sure of ({"label", "word", "p"}), which grounding forces into the caption."""
+    classifier is sure of ({"label", "word", "p"}), which grounding forces into the caption.
+    With decode.attention, "attention" too: attention_maps of the caption."""
+    if decode.attention and not model.config.attention:
+        raise ValueError("attention maps need a model with attention; this one reads the pooled feature only")
+    if not model.config.attention:
+        spatial = None  # a pooled model never reads it
     class_logits = model.classify_features(features)
     concept_p = model.concepts.concept_probs(class_logits)  # (B, C): for the evidence, whatever the decoder takes
     concepts = concept_p if model.config.num_concepts else None  # the decoder's input (decoder_concepts)
@@ -65,14 +73,18 @@ def decode_features(model, vocab, features, decode=DecodeOptions()):
         index = torch.tensor(rows, device=features.device)
         feats = features.index_select(0, index)
         conc = concepts.index_select(0, index) if concepts is not None else None
+        maps = spatial.index_select(0, index) if spatial is not None else None
         if m == 0 and decode.beam_size == 1 and banned is None and repeat_rules is None:
-            found = greedy_search(model.decoder, feats, decode.max_length, decode.length_alpha, conc)
+            found = greedy_search(model.decoder, feats, decode.max_length, decode.length_alpha, conc, maps)
         else:
             found = beam_search(model.decoder, feats, decode.beam_size, decode.max_length, decode.n_best,
                                 decode.length_alpha, conc, [constraints[i] for i in rows] if m else None,
-                                banned.index_select(0, index) if banned is not None else None, repeat_rules)
+                                banned.index_select(0, index) if banned is not None else None, repeat_rules,
+                                maps)
         for i, h in zip(rows, found, strict=True):
             hyps[i] = h
+    maps = attention_maps(model, vocab, features, concepts, spatial, [h[0][0] for h in hyps]) \
+        if decode.attention else None
     results = []
     for b, (image_hyps, found) in enumerate(zip(hyps, objects, strict=True)):
         candidates = [{"caption": vocab.decode(ids), "score": round(score, 4), "log_prob": round(lp, 4)}
@@ -84,7 +96,27 @@ def decode_features(model, vocab, features, decode=DecodeOptions()):
             confidence = round(float(model.calibration([signals])[0]), 4)
         results.append({**candidates[0], "confidence": confidence, "alternatives": candidates[1:],
                         "objects": [{k: o[k] for k in ("label", "word", "p")} for o in found]})
+        if maps is not None:
+            results[-1]["attention"] = maps[b]
     return results
+
+
+def attention_maps(model, vocab, features, concepts, spatial, captions):
+    """What the model looked at for each word of `captions` (per image, its word ids): the
+    caption is fed back through the decoder (teacher forcing), which gives the attention
+    weights the search had on its way to each word. -> per image [{"word", "weights": 7 rows
+    of 7}] (the weights of a word sum to 1; row 0 is the top of the photo)."""
+    longest = max((len(c) for c in captions), default=0)
+    if longest == 0:
+        return [[] for _ in captions]
+    tokens = torch.zeros(len(captions), longest, dtype=torch.long, device=features.device)  # (B, T) inputs
+    tokens[:, 0] = START_ID
+    for b, ids in enumerate(captions):
+        tokens[b, 1:len(ids)] = torch.tensor(ids[:-1], dtype=torch.long)
+    _, weights = model.decoder.unroll(features, tokens, concepts, spatial)  # (B, T, P)
+    grids = weights.float().view(len(captions), longest, MAP_SIZE, MAP_SIZE).tolist()  # (B, T, 7, 7)
+    return [[{"word": vocab.itos[w], "weights": [[round(x, 4) for x in row] for row in grid]}
+             for w, grid in zip(ids, grids[b], strict=False)] for b, ids in enumerate(captions)]
 
 
 def grounding_constraints(concepts, vocab, found, decode):
@@ -137,18 +169,18 @@ class Captioner:
 
     @torch.inference_mode()
     def encode_images(self, pixels):
-        """(B, 3, 224, 224) preprocessed pixels -> (B, feature_dim) float32 features,
-        encoded MAX_ENCODER_BATCH at a time whatever B is."""
-        return torch.cat([self.encoder(pixels[s:s + MAX_ENCODER_BATCH])
-                          for s in range(0, len(pixels), MAX_ENCODER_BATCH)]).to(self.device)
+        """(B, 3, 224, 224) preprocessed pixels -> float32 (pooled (B, D), spatial (B, P, D))
+        features, encoded MAX_ENCODER_BATCH at a time whatever B is."""
+        parts = [self.encoder(pixels[s:s + MAX_ENCODER_BATCH]) for s in range(0, len(pixels), MAX_ENCODER_BATCH)]
+        return tuple(torch.cat(p).to(self.device) for p in zip(*parts, strict=True))
 
     @torch.inference_mode()
     def caption_pixels(self, pixels, options=None, **overrides):
         """Caption a batch of preprocessed images; one result dict each. `options` is a
         DecodeOptions; keyword overrides (beam_size=5, grounding=False, ...) change it."""
         options = decode_options(options, overrides)
-        features = self.encode_images(pixels)
-        return decode_features(self.model, self.vocab, features, options)
+        features, spatial = self.encode_images(pixels)
+        return decode_features(self.model, self.vocab, features, options, spatial)
 
     def caption_files(self, paths, options=None, batch_size=32, num_workers=None, **overrides):
         """Caption image files in batches. Yields (index into paths, result dict or None,
@@ -170,7 +202,7 @@ class Captioner:
         with ThreadPoolExecutor(1, thread_name_prefix="beam-search") as decoder:
             pending = None
             for key, pixels in batches:
-                future = decoder.submit(self._decode, self.encode_images(pixels), options) \
+                future = decoder.submit(self._decode, *self.encode_images(pixels), options) \
                     if pixels is not None else None
                 if pending:
                     yield pending[0], pending[1].result() if pending[1] else None
@@ -179,8 +211,8 @@ class Captioner:
                 yield pending[0], pending[1].result() if pending[1] else None
 
     @torch.inference_mode()  # inference mode is per thread: the decoding thread needs its own
-    def _decode(self, features, options):
-        return decode_features(self.model, self.vocab, features, options)
+    def _decode(self, features, spatial, options):
+        return decode_features(self.model, self.vocab, features, options, spatial)
 
     def caption(self, images, options=None, **overrides):
         """Caption a path, http(s) URL, PIL image, bytes or binary file, or a list of them. A

@@ -2,6 +2,14 @@
 recurrent decoder (LSTM by default, GRU or plain RNN by choice), which then emits words
 from <START> until <END>. Greedy and (constrained) beam search decoding live here too.
 
+With `attention` (Show, Attend and Tell; the default for new models) the decoder also reads
+the encoder's spatial map, 7x7 positions of 1280 channels whose mean is the pooled vector:
+before every word the last hidden state scores each position, the softmax of the scores
+weights the positions' values into a context vector, a sigmoid gate of the hidden state
+scales it (SAT's beta), and it goes into the recurrent cell beside the word. The pooled
+vector still sets the initial state. The weights per position are what the API and the
+page show as attention maps.
+
 A decoder may also take a concept vector: the probabilities of the caption words that
 the encoder's ImageNet classifier vouches for (`concepts.py`). It shifts the initial
 state and is added to every input word, so that the model knows how sentences about a
@@ -36,6 +44,8 @@ class ModelConfig:
     dropout: float = 0.5
     encoder: str = ENCODER_NAME
     num_concepts: int = 0  # size of the concept vector input; 0 = plain Show and Tell
+    attention: bool = False  # soft attention over the spatial map (a checkpoint without the field has none)
+    attention_dim: int = 512  # width of the attention scorer's hidden layer
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -45,6 +55,23 @@ class ModelConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+class DecoderContext(NamedTuple):
+    """What the decoder reads at every step besides its last word and state, per image;
+    fields are None where the model has no such input."""
+    words: torch.Tensor | None  # (B, E) added to every input word: the concepts
+    keys: torch.Tensor | None  # (B, P, A) the spatial map's positions, projected for scoring
+    values: torch.Tensor | None  # (B, P, E) the same positions, projected for the context vector
+
+    def rows(self, index):
+        """The context of the images `index` (one per hypothesis row of a search)."""
+        return DecoderContext(*(None if t is None else t.index_select(0, index) for t in self))
+
+
+def top_hidden(state):
+    """(N, H): the last layer's hidden state, from an RNN state (L, N, H) or an LSTM's pair."""
+    return (state[0] if isinstance(state, tuple) else state)[-1]
 
 
 class CaptionDecoder(nn.Module):
@@ -58,14 +85,22 @@ class CaptionDecoder(nn.Module):
         self.init_h = nn.Linear(c.feature_dim, state_size)
         self.init_c = nn.Linear(c.feature_dim, state_size) if c.cell == "lstm" else None
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=PAD_ID)
-        self.rnn = CELLS[c.cell](c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
-                                 dropout=c.dropout if c.num_layers > 1 else 0.0)
+        # With attention the cell reads the word and the (embed_dim) context vector side by side.
+        self.rnn = CELLS[c.cell](c.embed_dim * (2 if c.attention else 1), c.hidden_dim, c.num_layers,
+                                 batch_first=True, dropout=c.dropout if c.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(c.dropout)
         self.out = nn.Linear(c.hidden_dim, c.vocab_size)
         if c.num_concepts:
             self.concept_h = nn.Linear(c.num_concepts, state_size, bias=False)
             self.concept_c = nn.Linear(c.num_concepts, state_size, bias=False) if c.cell == "lstm" else None
             self.concept_in = nn.Linear(c.num_concepts, c.embed_dim, bias=False)
+        if c.attention:
+            self.map_norm = nn.LayerNorm(c.feature_dim)
+            self.att_key = nn.Linear(c.feature_dim, c.attention_dim)
+            self.att_value = nn.Linear(c.feature_dim, c.embed_dim)
+            self.att_query = nn.Linear(c.hidden_dim, c.attention_dim)
+            self.att_score = nn.Linear(c.attention_dim, 1)
+            self.att_gate = nn.Linear(c.hidden_dim, c.embed_dim)
 
     def init_state(self, features, concepts=None):
         """(B, feature_dim) image features [+ (B, num_concepts)] -> the RNN's initial state."""
@@ -81,30 +116,70 @@ class CaptionDecoder(nn.Module):
             c = c + self.concept_c(concepts) if c is not None else None
         return (layers(h), layers(c)) if c is not None else layers(h)
 
-    def context(self, concepts):
-        """(B, num_concepts) -> (B, embed_dim) added to every input word, or None."""
-        return self.concept_in(concepts) if self.config.num_concepts else None
+    def context(self, concepts=None, spatial=None):
+        """The per-image inputs of every step, computed once: (B, num_concepts) concepts and
+        (B, P, feature_dim) spatial maps -> a DecoderContext, or None for a decoder with
+        neither."""
+        c = self.config
+        if not c.num_concepts and not c.attention:
+            return None
+        words = self.concept_in(concepts) if c.num_concepts and concepts is not None else None
+        keys = values = None
+        if c.attention:
+            if spatial is None:
+                raise ValueError("this model attends over the spatial map: pass the encoder's spatial features")
+            maps = self.map_norm(spatial.float())  # (B, P, D); stored maps may be fp16
+            keys, values = self.att_key(maps), self.att_value(maps)  # (B, P, A), (B, P, E)
+        return DecoderContext(words, keys, values)
 
-    def forward(self, features, tokens, concepts=None):
+    def attend(self, hidden, context):
+        """Soft attention: hidden (N, H) and the rows' context -> the gated context vector
+        (N, E) and the weights over the positions (N, P), which sum to 1."""
+        query = self.att_query(hidden).unsqueeze(1)  # (N, 1, A)
+        weights = self.att_score(torch.tanh(context.keys + query)).squeeze(2).softmax(dim=1)  # (N, P)
+        attended = torch.bmm(weights.unsqueeze(1), context.values).squeeze(1)  # (N, E)
+        return attended * torch.sigmoid(self.att_gate(hidden)), weights
+
+    def forward(self, features, tokens, concepts=None, spatial=None):
         """Teacher forcing: logits (B, T, V) for predicting tokens[:, 1:] from tokens[:, :-1]
         is done by the caller; here `tokens` are the inputs."""
-        x = self.embed(tokens)
-        if self.config.num_concepts:
-            x = x + self.context(concepts).unsqueeze(1)
-        out, _ = self.rnn(self.dropout(x), self.init_state(features, concepts))
-        return self.out(self.dropout(out))
+        return self.unroll(features, tokens, concepts, spatial)[0]
+
+    def unroll(self, features, tokens, concepts=None, spatial=None):
+        """forward, and the attention weights of every step (B, T, P) (None without attention)."""
+        x = self.embed(tokens)  # (B, T, E)
+        context = self.context(concepts, spatial)
+        if context is not None and context.words is not None:
+            x = x + context.words.unsqueeze(1)
+        state = self.init_state(features, concepts)
+        if not self.config.attention:  # one fused call over the whole sequence
+            out, _ = self.rnn(self.dropout(x), state)
+            return self.out(self.dropout(out)), None
+        outs, weights = [], []
+        for t in range(x.size(1)):  # the context depends on the previous step's state
+            attended, w = self.attend(top_hidden(state), context)
+            out, state = self._advance(self.dropout(torch.cat([x[:, t], attended], dim=1)), state)
+            outs.append(out)
+            weights.append(w)
+        return self.out(self.dropout(torch.stack(outs, 1))), torch.stack(weights, 1)
 
     def step(self, tokens, state, context=None):
-        """One decoding step: tokens (N,) -> log-probabilities (N, V) and the new state."""
+        """One decoding step: tokens (N,) and the rows' context -> log-probabilities (N, V)
+        and the new state."""
         x = self.embed(tokens)
-        if context is not None:
-            x = x + context
-        if type(self.rnn) is nn.LSTM and x.device.type == "cpu" and not self.training:
-            out, state = self._lstm_step(x, state)
-        else:
-            out, state = self.rnn(x.unsqueeze(1), state)
-            out = out.squeeze(1)
+        if context is not None and context.words is not None:
+            x = x + context.words
+        if self.config.attention:
+            x = torch.cat([x, self.attend(top_hidden(state), context)[0]], dim=1)
+        out, state = self._advance(x, state)
         return F.log_softmax(self.out(out).float(), dim=-1), state
+
+    def _advance(self, x, state):
+        """The recurrent cell on one step's input x (N, in) -> output (N, H), new state."""
+        if type(self.rnn) is nn.LSTM and x.device.type == "cpu" and not self.training:
+            return self._lstm_step(x, state)
+        out, state = self.rnn(x.unsqueeze(1), state)
+        return out.squeeze(1), state
 
     def _lstm_step(self, x, state):
         """One time step of the LSTM, layer by layer with torch.lstm_cell: the same gates and
@@ -147,8 +222,8 @@ class CaptionModel(nn.Module):
                              f"{len(self.concepts)}")
 
     def encode_images(self, pixels):
-        """(B, 3, H, W) normalised pixels -> (B, feature_dim) pooled features."""
-        return self.encoder(pixels.contiguous(memory_format=torch.channels_last))
+        """(B, 3, H, W) normalised pixels -> (pooled (B, D), spatial (B, P, D)) features."""
+        return self.encoder.forward_maps(pixels.contiguous(memory_format=torch.channels_last))
 
     def classify_features(self, features):
         """(B, feature_dim) pooled features -> (B, 1000) ImageNet logits: the encoder's own
@@ -160,7 +235,9 @@ class CaptionModel(nn.Module):
         return self.concepts.concept_probs(class_logits) if self.config.num_concepts else None
 
     def forward(self, pixels, tokens):
-        return self.decoder(self.encode_images(pixels), tokens)
+        features, spatial = self.encode_images(pixels)
+        concepts = self.decoder_concepts(self.classify_features(features))
+        return self.decoder(features, tokens, concepts, spatial)
 
 
 def _mask_logprobs(logp, step, max_length):
@@ -175,12 +252,12 @@ def _mask_logprobs(logp, step, max_length):
 
 
 @torch.no_grad()
-def greedy_search(decoder, features, max_length=20, length_alpha=0.7, concepts=None):
+def greedy_search(decoder, features, max_length=20, length_alpha=0.7, concepts=None, spatial=None):
     """Most likely word at each step. Returns per image [(token ids, log-prob, normalised
     score)], scored like beam_search so that the two are interchangeable."""
     n = features.size(0)
     state = decoder.init_state(features, concepts)
-    context = decoder.context(concepts) if concepts is not None else None
+    context = decoder.context(concepts, spatial)
     tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
     finished = torch.zeros(n, dtype=torch.bool, device=features.device)
     log_prob = torch.zeros(n, device=features.device)
@@ -239,7 +316,7 @@ def block_repeats(logp, history, tokens, step, max_length, rules):
 
 @torch.inference_mode()
 def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7, concepts=None,
-                constraints=None, banned=None, repeat_rules=None):
+                constraints=None, banned=None, repeat_rules=None, spatial=None):
     """Beam search over all images and beams at once: every step is one batched decoder
     call. Finished beams keep their score and continue with <PAD> for free. Hypotheses
     are ranked by log-prob / length**length_alpha (length counts <END>), so longer
@@ -259,7 +336,8 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
     over fewer rows may round its last bit differently).
 
     `banned` (B, V): 0, or -inf for the words an image's caption may not use (evidence.py);
-    `repeat_rules` (a RepeatRules) turns on block_repeats.
+    `repeat_rules` (a RepeatRules) turns on block_repeats; `spatial` (B, P, D): the maps an
+    attention decoder reads.
 
     Returns per image up to `n_best` [(token ids, log-prob, normalised score)], best first.
 
@@ -301,7 +379,7 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
     # at first: the start state is the image's, whatever beam it is on).
     live = image * SK + start * K  # (n,) into the A*SK rows
     state = decoder.init_state(features, concepts)  # (L, n, H), for an LSTM a pair
-    context = decoder.context(concepts) if concepts is not None else None  # (B, E): per image, not per row
+    context = decoder.context(concepts, spatial)  # per image, not per row
     tokens = torch.full((B,), START_ID, dtype=torch.long, device=device)  # (n,)
     # What the finished images end with, in the caller's order.
     final_scores = torch.empty(B, S, K, device=device)
@@ -309,7 +387,7 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
     final_history = [None] * B
     for t in range(max_length + 1):
         A = image.size(0)
-        logp, state = decoder.step(tokens, state, context[image[live // SK]] if context is not None else None)
+        logp, state = decoder.step(tokens, state, context.rows(image[live // SK]) if context is not None else None)
         logp = _mask_logprobs(logp, t, max_length)  # (n, V)
         if banned is not None:
             logp += banned[image[live // SK]]

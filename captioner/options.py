@@ -65,6 +65,10 @@ class DecodeOptions:
                                              "probability per ImageNet class it covers (0: off).", limits=(0.0, 0.05))
     person_threshold: float = setting(0.7, "Never say people words when the person detector gives less than this "
                                            "(0: off; models without a detector never ban them).", limits=(0.0, 1.0))
+    # What the model looked at: for each caption word, the weights of its 7x7 positions.
+    attention: bool = setting(False, "Also return, for each caption word, the attention weights over the photo's "
+                                     "7x7 grid (attention models; jsonl shows them).",
+                              flag="--attention/--no-attention")
 
     LIMITS: ClassVar[dict]  # set below the class, from the fields
 
@@ -154,6 +158,10 @@ class TrainConfig:
     hidden_dim: int = setting(512, limits=(1, None))
     num_layers: int = setting(1, limits=(1, 8))
     cell: str = setting("lstm", choices=("lstm", "gru", "rnn"))
+    # attention: Show, Attend and Tell's soft attention over the encoder's 7x7 map (model.py);
+    # pooled: plain Show and Tell, the pooled feature only. A warm start takes this one too.
+    arch: str = setting("attention", "Decoder: attention reads the photo's 7x7 feature map at every word; pooled "
+                                     "reads only the pooled feature (Show and Tell).", choices=("attention", "pooled"))
     dropout: float = setting(0.5, limits=(0, 1), open_limits=(False, True))
     label_smoothing: float = setting(0.1, limits=(0, 1), open_limits=(False, True))
     min_word_count: int = setting(5, limits=(1, None))
@@ -211,8 +219,9 @@ class TrainConfig:
     def __post_init__(self):
         check_settings(self)
         decode = DecodeOptions(**self.decode) if isinstance(self.decode, dict) else self.decode
-        # One caption per validation image, as long as the training captions may be.
-        object.__setattr__(self, "decode", decode.replace(n_best=1, max_length=self.max_caption_length))
+        # One caption per validation image, as long as the training captions may be, no maps.
+        object.__setattr__(self, "decode", decode.replace(n_best=1, max_length=self.max_caption_length,
+                                                          attention=False))
 
     def to_dict(self):
         return {**asdict(self), "text_data": list(self.text_data)}

@@ -140,13 +140,15 @@ def build_model(config, train_set, text_captions, state, device):
                          f"captions")
     if state:
         concept_map, model_config = state.concepts, state.model_config
-    elif init:
-        concept_map, model_config = init[2], dataclasses.replace(init[0], vocab_size=len(vocab))
+    elif init:  # the starting model's architecture, with or without attention as --arch says
+        concept_map = init[2]
+        model_config = dataclasses.replace(init[0], vocab_size=len(vocab), attention=config.arch == "attention")
     else:
         concept_map = shipped_concepts()
         model_config = ModelConfig(vocab_size=len(vocab), embed_dim=config.embed_dim, hidden_dim=config.hidden_dim,
                                    num_layers=config.num_layers, cell=config.cell, dropout=config.dropout,
-                                   num_concepts=len(concept_map) if config.concepts else 0)
+                                   num_concepts=len(concept_map) if config.concepts else 0,
+                                   attention=config.arch == "attention")
     model = CaptionModel(model_config, concepts=concept_map).to(device)
     if init:
         warm_start(model, init[3], config.fine_tune_encoder, source)
@@ -179,7 +181,11 @@ def person_head_of(tensors, source, model_config):
 def warm_start(model, tensors, fine_tune_encoder, source):
     """Copy a checkpoint's weights (`tensors`, as read_checkpoint gives them) into `model`,
     whose vocabulary may be longer: the rows of words the checkpoint knows are copied and
-    the new words' rows keep their fresh initialisation."""
+    the new words' rows keep their fresh initialisation. A pooled decoder warm-starts an
+    attention one: the attention layers start fresh and the recurrent cell's weights for
+    the context vector at zero, so that the new model starts out captioning exactly as the
+    old one and learns to use the map from there. (The other way round, the attention
+    layers are dropped.)"""
     encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
     if encoder and not fine_tune_encoder:
         # Stored features come from the packaged encoder; a tuned one must run in the loop.
@@ -188,9 +194,15 @@ def warm_start(model, tensors, fine_tune_encoder, source):
         model.encoder.load_state_dict(encoder)
     own = model.decoder.state_dict()
     for key, old in tensors.items():
-        if not key.startswith("decoder."):
+        name = key[len("decoder."):]
+        if not key.startswith("decoder.") or name not in own:  # attention layers a pooled model lacks
             continue
-        new = own[key[len("decoder."):]]
+        new = own[name]
+        if name == "rnn.weight_ih_l0" and old.shape[1] != new.shape[1]:  # (4H, E) <-> (4H, 2E): word [+ context]
+            width = min(old.shape[1], new.shape[1])
+            new.zero_()
+            new[:, :width] = old[:, :width]
+            continue
         if old.shape != new.shape and (old.shape[1:] != new.shape[1:] or old.shape[0] > new.shape[0]):
             raise ValueError(f"{source}: {key} has shape {tuple(old.shape)}, the model {tuple(new.shape)}")
         new[:old.shape[0]] = old  # the vocabulary rows (embed, out) grow; all else is equal
@@ -199,19 +211,19 @@ def warm_start(model, tensors, fine_tune_encoder, source):
 
 class TrainStep(torch.nn.Module):
     """The training forward pass as one module, so that DDP can wrap it: pixels (encoder
-    tuned) or features, and caption tokens -> next-word logits (B, T, V)."""
+    tuned) or features and maps, and caption tokens -> next-word logits (B, T, V)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs, tokens, concepts=None):
+    def forward(self, inputs, spatial, tokens, concepts=None):
         model = self.model
-        features = model.encode_images(inputs) if model.encoder_tuned else inputs
+        features, spatial = model.encode_images(inputs) if model.encoder_tuned else (inputs, spatial)
         if concepts is None:  # photos in the loop: the classifier's view, not trained through
             with torch.no_grad():
                 concepts = model.decoder_concepts(model.classify_features(features.detach()))
-        return model.decoder(features, tokens, concepts)
+        return model.decoder(features, tokens, concepts, spatial)
 
 
 # ---------------------------------------------------------------- one epoch, evaluation
@@ -231,12 +243,13 @@ def caption_loss(logits, targets, label_smoothing=0.0):
                            ignore_index=PAD_ID, label_smoothing=label_smoothing)
 
 
-def batch_to_device(inputs, concepts, tokens, device):
+def batch_to_device(inputs, spatial, concepts, tokens, device):
     """A batch on the model's device, its padding trimmed to the longest caption (on the
     CPU, before the copy: reading a length back from a GPU would wait for it)."""
     tokens = tokens[:, :int((tokens != PAD_ID).sum(1).max())].to(device, non_blocking=True)
     concepts = concepts.to(device, non_blocking=True) if concepts is not None else None
-    return inputs.to(device, non_blocking=True), concepts, tokens
+    spatial = spatial.to(device, non_blocking=True) if spatial is not None else None
+    return inputs.to(device, non_blocking=True), spatial, concepts, tokens
 
 
 def train_one_epoch(model, step, optimizer, scaler, batches, device, epoch, config, show=True):
@@ -257,13 +270,13 @@ def train_one_epoch(model, step, optimizer, scaler, batches, device, epoch, conf
     total, count, skipped = 0.0, 0, 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, total=len(batches),
                disable=not show)
-    for inputs, concepts, tokens, n_skipped in bar:
+    for inputs, spatial, concepts, tokens, n_skipped in bar:
         skipped += n_skipped
         if inputs is None:
             continue
-        inputs, concepts, tokens = batch_to_device(inputs, concepts, tokens, device)
+        inputs, spatial, concepts, tokens = batch_to_device(inputs, spatial, concepts, tokens, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = step(inputs, tokens[:, :-1], concepts)
+            logits = step(inputs, spatial, tokens[:, :-1], concepts)
             loss = caption_loss(logits.float(), tokens[:, 1:], config.label_smoothing)
         optimizer_step(model, optimizer, scaler, loss, config.clip_grad)
         total += loss.item() * len(tokens)
@@ -296,11 +309,11 @@ def allowed_words(max_length, vocab_size, device):
 
 
 @torch.no_grad()
-def sample_captions(decoder, features, concepts, allowed):
-    """One caption per row of `features`, drawn word by word from the decoder's softmax
-    (restricted to `allowed`). -> (N, T) token ids: the words, <END>, then <PAD>."""
+def sample_captions(decoder, features, spatial, concepts, allowed):
+    """One caption per row of `features` (and maps), drawn word by word from the decoder's
+    softmax (restricted to `allowed`). -> (N, T) token ids: the words, <END>, then <PAD>."""
     state = decoder.init_state(features, concepts)
-    context = decoder.context(concepts) if concepts is not None else None
+    context = decoder.context(concepts, spatial)
     tokens = torch.full((len(features),), START_ID, dtype=torch.long, device=features.device)
     finished = torch.zeros(len(features), dtype=torch.bool, device=features.device)
     words = []
@@ -334,19 +347,20 @@ def self_critical_advantage(rewards):
     return rewards - baseline, baseline
 
 
-def scst_batch_loss(model, step, features, concepts, images, cider, config, allowed):
+def scst_batch_loss(model, step, features, spatial, concepts, images, cider, config, allowed):
     """Sample config.scst_samples captions per photo, reward each with its CIDEr-D against
     the photo's references, and -> (policy-gradient loss, rewards (B, K))."""
     k = config.scst_samples
     features = features.repeat_interleave(k, 0)
+    spatial = spatial.repeat_interleave(k, 0) if spatial is not None else None
     concepts = concepts.repeat_interleave(k, 0) if concepts is not None else None
-    samples = sample_captions(model.decoder, features, concepts, allowed)
+    samples = sample_captions(model.decoder, features, spatial, concepts, allowed)
     lengths = (samples != PAD_ID).sum(1).tolist()
     captions = [row[:n] for row, n in zip(samples.tolist(), lengths, strict=True)]
     rewards = cider.score(images.repeat_interleave(k).tolist(), captions, device=features.device).view(-1, k)
     advantage, _ = self_critical_advantage(rewards)
     starts = torch.full((len(samples), 1), START_ID, dtype=torch.long, device=samples.device)
-    logits = step(features, torch.cat([starts, samples[:, :-1]], 1), concepts)
+    logits = step(features, spatial, torch.cat([starts, samples[:, :-1]], 1), concepts)
     log_probs = sample_log_probs(logits, samples, allowed)
     return -(advantage.flatten() * log_probs).mean(), rewards
 
@@ -363,9 +377,10 @@ def scst_epoch(model, step, optimizer, scaler, batches, device, epoch, config, s
     total, reward, spread, count = 0.0, 0.0, 0.0, 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs} (scst)", unit="batch", leave=False,
                total=len(batches), disable=not show)
-    for features, concepts, images, _ in bar:
+    for features, spatial, concepts, images, _ in bar:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, rewards = scst_batch_loss(model, step, features, concepts, images, batches.cider, config, allowed)
+            loss, rewards = scst_batch_loss(model, step, features, spatial, concepts, images, batches.cider, config,
+                                            allowed)
         optimizer_step(model, optimizer, scaler, loss, config.clip_grad)
         total += loss.item() * rewards.numel()
         reward += rewards.sum().item()
@@ -377,17 +392,18 @@ def scst_epoch(model, step, optimizer, scaler, batches, device, epoch, config, s
 
 
 @torch.inference_mode()
-def validation_loss(model, vocab, features, records, max_length, label_smoothing, batch_size=250):
+def validation_loss(model, vocab, features, maps, records, max_length, label_smoothing, batch_size=250):
     """Teacher-forced loss on the validation images' reference captions (the training loss's
     twin: a gap between them that grows means over-fitting). -> (summed loss tensor, captions)."""
     model.eval()
     index, tokens = tokenize_captions(records, vocab, max_length)
     total, count = torch.zeros((), device=features.device), 0
     for s in range(0, len(tokens), batch_size):
-        feats = features[index[s:s + batch_size].to(features.device)]
-        _, _, toks = batch_to_device(feats, None, tokens[s:s + batch_size], features.device)
+        rows = index[s:s + batch_size].to(features.device)
+        feats, spatial = features[rows], maps[rows] if maps is not None else None
+        _, spatial, _, toks = batch_to_device(feats, spatial, None, tokens[s:s + batch_size], features.device)
         concepts = model.decoder_concepts(model.classify_features(feats))
-        logits = model.decoder(feats, toks[:, :-1], concepts)
+        logits = model.decoder(feats, toks[:, :-1], concepts, spatial)
         total = total + caption_loss(logits.float(), toks[:, 1:], label_smoothing) * len(toks)
         count += len(toks)
     return total, count
@@ -399,15 +415,16 @@ def evaluate(model, vocab, validation, device, config, procs, batch_size=250):
     (config.decode: grounding included), gather every process's captions and score them
     against all references. -> (scores, {image path: caption}, validation loss); the same
     in every process."""
-    features, records = validation.encoded(model, device)
+    features, maps, records = validation.encoded(model, device)
     model.eval()
     predictions = {}
     for start in range(0, len(records), batch_size):
         chunk = features[start:start + batch_size]
+        spatial = maps[start:start + batch_size] if maps is not None else None
         for r, result in zip(records[start:start + batch_size],
-                             decode_features(model, vocab, chunk, config.decode), strict=True):
+                             decode_features(model, vocab, chunk, config.decode, spatial), strict=True):
             predictions[str(r.image)] = result["caption"]
-    loss, count = validation_loss(model, vocab, features, records, config.max_caption_length,
+    loss, count = validation_loss(model, vocab, features, maps, records, config.max_caption_length,
                                   config.label_smoothing)
     parts = procs.gather((predictions, loss.item(), count))
     predictions = {k: v for part, _, _ in parts for k, v in part.items()}

@@ -10,8 +10,10 @@ process's training batches and its share of the validation images:
   scorer of their reference captions.
 
 All are shaped like a DataLoader: `len()` is the steps of an epoch, `set_epoch(epoch)`
-picks that epoch's shuffle and iterating yields (inputs, concepts or None, tokens, images
-skipped); ScstBatches yields photo indices in place of tokens. Every process draws the
+picks that epoch's shuffle and iterating yields (inputs, spatial maps or None, concepts or
+None, tokens, images skipped); ScstBatches yields photo indices in place of tokens. The maps
+(B, P, D) are there for an attention model on stored features (with the encoder in the loop
+it makes them itself). Every process draws the
 same shuffle (seed + epoch) and takes its share of each global batch (DistributedSampler,
 padded so that all take the same number of steps, which DDP needs).
 """
@@ -114,16 +116,18 @@ def epoch_sampler(n, seed, procs):
 class FeatureBatches:
     """Batches of stored image features. Each epoch holds every image-caption pair and a
     fresh draw of `text_sample` of the text-only captions (the same draw in every process),
-    shuffled. A photo's row gets its feature (hidden for a `feature_dropout` share) and the
-    classifier's concepts; a text row gets a zero feature and noisy_concepts of its words.
-    Yields (features, concepts or None, tokens, 0) on the features' device."""
+    shuffled. A photo's row gets its feature and map (both hidden for a `feature_dropout`
+    share) and the classifier's concepts; a text row gets a zero feature and map and
+    noisy_concepts of its words. Yields (features, maps or None, concepts or None, tokens, 0)
+    on the features' device."""
 
     def __init__(self, features, concepts, image_idx, tokens, text_tokens, text_concepts, config, procs,
-                 text_photos=None):
+                 text_photos=None, maps=None):
         """features, concepts: (images, D) and (images, C) or None, on the model's device;
         image_idx, tokens: each caption's image and tokens; text_tokens and text_concepts
-        (concept lists): the text-only captions; text_photos: TextPhotos or None."""
-        self.features, self.concepts, self.text_concepts = features, concepts, text_concepts
+        (concept lists): the text-only captions; text_photos: TextPhotos or None; maps:
+        (images, P, D) float16 spatial maps, or None for a pooled model."""
+        self.features, self.concepts, self.text_concepts, self.maps = features, concepts, text_concepts, maps
         self.text_photos = text_photos
         self.n_pairs, self.n_text = len(image_idx), len(text_tokens)  # rows from n_pairs on are text
         self.image_idx = torch.cat([image_idx, torch.full((self.n_text,), -1, dtype=torch.long)])
@@ -156,8 +160,12 @@ class FeatureBatches:
         keep = photo & (torch.rand(len(rows)) >= self.feature_dropout)  # photos whose feature is shown
         features = torch.zeros(len(rows), self.features.shape[1], device=device)
         features[keep.to(device)] = self.features[idx[keep].to(device)]
+        maps = None
+        if self.maps is not None:  # (B, P, D), float32 for the decoder
+            maps = torch.zeros(len(rows), *self.maps.shape[1:], device=device)
+            maps[keep.to(device)] = self.maps[idx[keep].to(device)].float()
         if self.concepts is None:
-            return features, None, self.tokens[rows], 0
+            return features, maps, None, self.tokens[rows], 0
         concepts = torch.zeros(len(rows), self.concepts.shape[1], device=device)
         concepts[photo.to(device)] = self.concepts[idx[photo].to(device)]
         text_rows = (~photo).nonzero().flatten()
@@ -165,8 +173,9 @@ class FeatureBatches:
             lists = [self.text_concepts[int(rows[r]) - self.n_pairs] for r in text_rows]
             concepts[text_rows.to(device)] = noisy_concepts(lists, self.concepts.shape[1]).to(device)
         if self.text_photos is not None and len(text_rows):
-            self.text_photos.fill(features, concepts, text_rows, rows[text_rows] - self.n_pairs, self.feature_dropout)
-        return features, concepts, self.tokens[rows], 0
+            self.text_photos.fill(features, maps, concepts, text_rows, rows[text_rows] - self.n_pairs,
+                                  self.feature_dropout)
+        return features, maps, concepts, self.tokens[rows], 0
 
 
 class ScstBatches:
@@ -174,13 +183,13 @@ class ScstBatches:
     with a usable caption (not per caption), text-only captions left out (a sampled caption
     without a photo has no references to be scored against), every photo's feature shown.
     `cider` scores samples against the photo's reference captions, with document frequencies
-    from all training references. Yields (features, concepts or None, photo indices, 0) on
-    the features' device; the indices are `cider`'s image ids."""
+    from all training references. Yields (features, maps or None, concepts or None, photo
+    indices, 0) on the features' device; the indices are `cider`'s image ids."""
 
-    def __init__(self, features, concepts, image_idx, tokens, config, procs):
+    def __init__(self, features, concepts, image_idx, tokens, config, procs, maps=None):
         """features, concepts: (images, D) and (images, C) or None; image_idx, tokens: each
-        caption's image and tokens (tokenize_captions)."""
-        self.features, self.concepts = features, concepts
+        caption's image and tokens (tokenize_captions); maps: (images, P, D) or None."""
+        self.features, self.concepts, self.maps = features, concepts, maps
         self.images = image_idx.unique()  # photos with a caption
         self.cider = CiderD(reference_ids(image_idx, tokens))
         self.captions = len(self.images)  # rows per epoch, all processes together
@@ -199,7 +208,8 @@ class ScstBatches:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             concepts = self.concepts[idx.to(device)] if self.concepts is not None else None
-            yield self.features[idx.to(device)], concepts, idx, 0
+            maps = self.maps[idx.to(device)].float() if self.maps is not None else None
+            yield self.features[idx.to(device)], maps, concepts, idx, 0
 
 
 def reference_ids(image_idx, tokens):
@@ -217,10 +227,10 @@ class TextPhotos:
     photo shows, and no person, is trained with a random one of those photos' features and
     their classifier concepts, as a photo of the scene would give them."""
 
-    def __init__(self, features, concepts, text_tokens, text_concepts, vocab):
-        """features, concepts: the photos' (P, D) and (P, C); text_tokens, text_concepts:
-        the text-only captions' tokens and concept lists."""
-        self.features, self.concepts = features, concepts
+    def __init__(self, features, concepts, text_tokens, text_concepts, vocab, maps=None):
+        """features, concepts: the photos' (N, D) and (N, C), maps their (N, P, D) or None;
+        text_tokens, text_concepts: the text-only captions' tokens and concept lists."""
+        self.features, self.concepts, self.maps = features, concepts, maps
         p, top = concepts.max(dim=1)
         by_concept = {}
         for i in (p >= SURE_PHOTO_CONCEPT).nonzero().flatten().tolist():
@@ -232,9 +242,9 @@ class TextPhotos:
             self.candidates.append([] if people else [i for c in named for i in by_concept.get(c, [])])
         self.paired = sum(1 for c in self.candidates if c)
 
-    def fill(self, features, concepts, batch_rows, text_index, feature_dropout):
+    def fill(self, features, maps, concepts, batch_rows, text_index, feature_dropout):
         """Give the batch's text rows (`batch_rows`, their text captions `text_index`) a
-        photo where they have one; its feature is hidden for a `feature_dropout` share."""
+        photo where they have one; its feature (and map) is hidden for a `feature_dropout` share."""
         for r, t in zip(batch_rows.tolist(), text_index.tolist(), strict=True):
             options = self.candidates[t]
             if not options:
@@ -243,6 +253,8 @@ class TextPhotos:
             concepts[r] = self.concepts[k]
             if float(torch.rand(())) >= feature_dropout:
                 features[r] = self.features[k]
+                if maps is not None:
+                    maps[r] = self.maps[k].float()
 
 
 class PairsWithImages(Dataset):
@@ -265,14 +277,14 @@ class PairsWithImages(Dataset):
 def _collate_pairs(items):
     good = [x for x in items if x is not None]
     if not good:
-        return None, None, None, len(items)
-    return torch.stack([p for p, _ in good]), None, torch.stack([t for _, t in good]), len(items) - len(good)
+        return None, None, None, None, len(items)
+    return torch.stack([p for p, _ in good]), None, None, torch.stack([t for _, t in good]), len(items) - len(good)
 
 
 class ImageBatches:
     """Batches of augmented photos, for training with the encoder in the loop: a DataLoader
-    over PairsWithImages. Yields (pixels, None, tokens, unreadable images skipped); a batch
-    with no readable image is (None, None, None, skipped)."""
+    over PairsWithImages. Yields (pixels, None, None, tokens, unreadable images skipped); a
+    batch with no readable image is (None, None, None, None, skipped)."""
 
     def __init__(self, paths, image_idx, tokens, config, procs, device):
         pairs = PairsWithImages(paths, image_idx.tolist(), tokens)
@@ -302,29 +314,34 @@ class Validation:
     references: dict  # {image path: reference captions} of every validation image
     features: torch.Tensor | None = None  # the records' stored features, or None to encode them
     workers: int | None = None  # image-decoding workers when encoding
+    maps: torch.Tensor | None = None  # their stored spatial maps, for an attention model
 
     def encoded(self, model, device):
-        """-> (features on `device` from `model` as it is now, the records they belong to)."""
+        """-> (features and maps (None for a pooled model) on `device` from `model` as it is
+        now, the records they belong to)."""
         if self.features is not None:
-            return self.features, self.records
+            return self.features, self.maps, self.records
         return encode_records(model, self.records, device, self.workers)
 
 
 def encode_records(model, records, device, num_workers):
-    """Features of the records' images with the current (fine-tuned) encoder.
-    -> (features, the records whose image could be read)."""
-    feats, kept = [], []
+    """Features and maps of the records' images with the current (fine-tuned) encoder.
+    -> (features, maps or None for a pooled model, the records whose image could be read)."""
+    feats, maps, kept = [], [], []
     model.eval()
     with torch.inference_mode():
         for idx, pixels, _ in image_loader([r.image for r in records], num_workers=num_workers,
                                            pin_memory=device.type == "cuda"):
             if pixels is not None:
-                feats.append(model.encode_images(pixels.to(device)))
+                pooled, spatial = model.encode_images(pixels.to(device))
+                feats.append(pooled)
+                maps.append(spatial)
                 kept.extend(records[i] for i in idx)
     if not kept and records:
         raise ValueError("no readable validation images")
-    dim = model.config.feature_dim
-    return (torch.cat(feats) if feats else torch.zeros(0, dim, device=device)), kept
+    if not kept:
+        return torch.zeros(0, model.config.feature_dim, device=device), None, kept
+    return torch.cat(feats), torch.cat(maps) if model.config.attention else None, kept
 
 
 def load_data(config, model, vocab, train_set, val_set, text_captions, device, procs):
@@ -337,7 +354,7 @@ def load_data(config, model, vocab, train_set, val_set, text_captions, device, p
                                 workers=config.workers)
         return ImageBatches(paths, image_idx, tokens, config, procs, device), validation
 
-    features, ok = stored_features(config, model, paths + [r.image for r in val_set], device, procs)
+    features, maps, ok = stored_features(config, model, paths + [r.image for r in val_set], device, procs)
     train_ok, val_ok = ok[:len(paths)], ok[len(paths):]
     keep = torch.tensor(train_ok)[image_idx]  # captions of unreadable images go
     image_idx, tokens = image_idx[keep], tokens[keep]
@@ -345,32 +362,35 @@ def load_data(config, model, vocab, train_set, val_set, text_captions, device, p
         raise ValueError(f"{config.data}: no usable training captions")
     val_set = [r for r, good in zip(val_set, val_ok, strict=True) if good]
     val_features = features[len(paths):][torch.tensor(val_ok)]
+    val_maps = procs.share(maps[len(paths):][torch.tensor(val_ok)]).to(device) if maps is not None else None
     validation = Validation(procs.share(val_set), {str(r.image): r.captions for r in val_set},
-                            features=procs.share(val_features).to(device))  # decoded by the model, on its device
+                            features=procs.share(val_features).to(device), maps=val_maps)  # decoded on its device
 
     train_features = features[:len(paths)].to(device)
+    train_maps = maps[:len(paths)].to(device) if maps is not None else None  # float16 until batched
     with torch.inference_mode():
         train_concepts = model.decoder_concepts(model.classify_features(train_features))
     if config.objective == "scst":
-        return ScstBatches(train_features, train_concepts, image_idx, tokens, config, procs), validation
+        return ScstBatches(train_features, train_concepts, image_idx, tokens, config, procs, train_maps), validation
     text_tokens = tokenize_captions([Record(Path(), text_captions)], vocab, config.max_caption_length)[1] \
         if text_captions else torch.empty(0, config.max_caption_length + 2, dtype=torch.long)
     text_concepts = text_concept_lists(model.concepts, text_tokens, vocab) if model.config.num_concepts else []
     text_photos = load_text_photos(config, model, text_tokens, text_concepts, vocab, device, procs) \
         if config.text_photos and text_concepts else None
     batches = FeatureBatches(train_features, train_concepts, image_idx, tokens, text_tokens, text_concepts, config,
-                             procs, text_photos)
+                             procs, text_photos, train_maps)
     return batches, validation
 
 
 def load_text_photos(config, model, text_tokens, text_concepts, vocab, device, procs):
     """The --text-photos folder's features (from the feature store) as TextPhotos."""
     paths = find_images([Path(config.text_photos)], recursive=True)
-    features, ok = stored_features(config, model, paths, device, procs)
-    features = features[torch.tensor(ok, dtype=torch.bool)]
+    features, maps, ok = stored_features(config, model, paths, device, procs)
+    ok = torch.tensor(ok, dtype=torch.bool)
+    features, maps = features[ok], maps[ok] if maps is not None else None
     with torch.inference_mode():
         concepts = model.decoder_concepts(model.classify_features(features))
-    photos = TextPhotos(features, concepts, text_tokens, text_concepts, vocab)
+    photos = TextPhotos(features, concepts, text_tokens, text_concepts, vocab, maps)
     if procs.main:
         log.info("--text-photos: %d of %d text-only captions go with one of %d photos", photos.paired,
                  len(text_concepts), len(features))
@@ -379,10 +399,14 @@ def load_text_photos(config, model, text_tokens, text_concepts, vocab, device, p
 
 def stored_features(config, model, paths, device, procs):
     """The images' features from the feature store, encoding what it lacks (under torchrun
-    each process encodes its share, then every one reads all). -> (features, readable)."""
+    each process encodes its share, then every one reads all). -> (features, maps (float16)
+    or None for a pooled model, readable)."""
     cache_dir = config.cache_dir or DEFAULT_CACHE_DIR
+    spatial = model.config.attention
     if procs.world > 1:
         encode_missing(model, paths, device, cache_dir, num_workers=config.workers, backend=config.backend,
-                       part=(procs.rank, procs.world))
+                       part=(procs.rank, procs.world), spatial=spatial)
         procs.barrier()
-    return compute_features(model, paths, device, cache_dir, num_workers=config.workers, backend=config.backend)
+    found = compute_features(model, paths, device, cache_dir, num_workers=config.workers, backend=config.backend,
+                             spatial=spatial)
+    return found[0], found[1] if spatial else None, found[-1]

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from captioner import __version__
+from captioner.encoder import MAP_SIZE
 from captioner.images import ImageError, load_image, preprocess
 from captioner.inference import DEFAULT_WEIGHTS
 from captioner.options import DecodeOptions
@@ -113,6 +114,8 @@ def model_info(captioner, weights):
     card = read_card(weights, captioner.name)
     architecture = (f"Show and Tell: {config.encoder} image features ({config.feature_dim}-d) initialise a "
                     f"{config.num_layers}-layer {config.cell.upper()} decoder (hidden size {config.hidden_dim})")
+    if config.attention:
+        architecture += f" that attends over the {MAP_SIZE}x{MAP_SIZE} feature map at every word (Show, Attend, Tell)"
     if config.num_concepts:
         architecture += f", grounded on {config.num_concepts} ImageNet concepts"
     return {
@@ -122,6 +125,7 @@ def model_info(captioner, weights):
         "encoder": {"name": config.encoder, "fine_tuned": captioner.model.encoder_tuned,
                     "backend": captioner.backend},
         "vocabulary_size": config.vocab_size,
+        "attention": config.attention,
         "config": config.to_dict(),
         "training_data": card.get("training_data") or info.get("data"),
         "training_stages": info.get("stages", []),
@@ -155,6 +159,9 @@ def read_card(weights, name):
 def captions():
     t0 = time.perf_counter()
     options = _parse_options()
+    if options.attention and not _worker()["captioner"].model.config.attention:
+        raise ApiError(400, "invalid_option", "attention maps need a model with attention; the served model reads "
+                       "the pooled feature only")
     uploads = _read_uploads(current_app.config["MAX_FILES"])
     sizes = _check_pixel_budget(uploads, current_app.config["MAX_REQUEST_PIXELS"])
     pixels = _decode(uploads, sizes)
@@ -163,7 +170,8 @@ def captions():
     return jsonify({
         "model": _worker()["captioner"].name,
         "results": [{"filename": filename, "caption": r["caption"], "score": r["score"],
-                     "confidence": r["confidence"], "alternatives": r["alternatives"], "objects": r["objects"]}
+                     "confidence": r["confidence"], "alternatives": r["alternatives"], "objects": r["objects"],
+                     **({"attention": r["attention"]} if "attention" in r else {})}
                     for (filename, _), r in zip(uploads, results, strict=True)],
         "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
     })

@@ -114,9 +114,10 @@ PHOTO_CAPTIONS = {
 }
 
 
-def train_decoder(decoder, features, captions, vocab, steps=150, lr=1e-2, noise=0.0, seed=0):
-    """Teacher-force `decoder` (a CaptionDecoder) to say captions[i] for features[i] with Adam;
-    `noise` adds Gaussian jitter to the features so that nearby features give the same caption."""
+def train_decoder(decoder, features, captions, vocab, steps=150, lr=1e-2, noise=0.0, seed=0, spatial=None):
+    """Teacher-force `decoder` (a CaptionDecoder) to say captions[i] for features[i] (and
+    spatial[i], for an attention decoder) with Adam; `noise` adds Gaussian jitter to the
+    features so that nearby features give the same caption."""
     from captioner.vocab import PAD_ID
 
     generator = torch.Generator().manual_seed(seed)
@@ -126,7 +127,7 @@ def train_decoder(decoder, features, captions, vocab, steps=150, lr=1e-2, noise=
     decoder.train()
     for _ in range(steps):
         x = features + noise * torch.randn(features.shape, generator=generator) * features.std() if noise else features
-        logits = decoder(x, tokens[:, :-1])
+        logits = decoder(x, tokens[:, :-1], None, spatial)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
                                                  ignore_index=PAD_ID)
         opt.zero_grad()
@@ -180,6 +181,44 @@ def photo_features(photos, encoder):
     pixels = torch.stack([preprocess(load_image(photos[name])) for name in PHOTO_CAPTIONS])
     with torch.no_grad():
         return encoder(pixels)
+
+
+@pytest.fixture(scope="session")
+def photo_maps(photos, encoder):
+    """The spatial maps (4, 49, 1280) of `photos`, in PHOTO_CAPTIONS order."""
+    from captioner.images import load_image, preprocess
+
+    pixels = torch.stack([preprocess(load_image(photos[name])) for name in PHOTO_CAPTIONS])
+    with torch.no_grad():
+        return encoder.forward_maps(pixels)[1]
+
+
+@pytest.fixture(scope="session")
+def attention_model(tiny_vocab, photo_features, photo_maps):
+    """Like `trained_model`, with a soft-attention decoder that reads the photos' maps. Do
+    not modify it; copy it."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(tiny_vocab), embed_dim=32, hidden_dim=64, dropout=0.0, attention=True,
+                         attention_dim=32)
+    model = CaptionModel(config)
+    train_decoder(model.decoder, photo_features, list(PHOTO_CAPTIONS.values()), tiny_vocab, noise=0.3,
+                  spatial=photo_maps)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def attention_checkpoint(tmp_path_factory, attention_model, tiny_vocab):
+    """`attention_model` saved as a checkpoint file (session-wide: do not modify it)."""
+    path = tmp_path_factory.mktemp("attention") / "attention.safetensors"
+    save_checkpoint(path, attention_model, tiny_vocab, {"name": "attention-test"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def attention_captioner(attention_checkpoint):
+    from captioner.inference import Captioner
+
+    return Captioner.from_pretrained(attention_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="session")

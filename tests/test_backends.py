@@ -26,20 +26,25 @@ def onnx_cache(tmp_path_factory):
 
 
 def relative_error(features, reference):
-    return ((features - reference).norm(dim=1) / reference.norm(dim=1)).max().item()
+    """Per image |f - ref| / |ref| (over a pooled vector, or a whole map), the worst image's."""
+    diff, ref = (features - reference).flatten(1), reference.flatten(1)
+    return (diff.norm(dim=1) / ref.norm(dim=1)).max().item()
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-bf16", "onnx", "onnx-int8"])
 def test_features_match_fp32_within_tolerance(backend, encoder, pixels, onnx_cache):
     with torch.no_grad():
-        reference = encoder(pixels)
+        reference, reference_maps = encoder.forward_maps(pixels)
         encode = load_backend(encoder, backend, cache_dir=onnx_cache)
-        features = encode(pixels)
+        features, maps = encode(pixels)
         # The classifier on these features still sees what fp32 sees (the concepts depend on it).
         assert torch.equal(encoder._fc(features).argmax(1), encoder._fc(reference).argmax(1))
     assert encode.name == backend
-    assert features.shape == reference.shape and features.dtype == torch.float32
+    assert features.shape == reference.shape == (len(pixels), 1280) and features.dtype == torch.float32
+    assert maps.shape == reference_maps.shape == (len(pixels), 49, 1280) and maps.dtype == torch.float32
     assert relative_error(features, reference) <= FEATURE_TOLERANCE[backend]
+    assert relative_error(maps, reference_maps) <= FEATURE_TOLERANCE[backend]
+    assert relative_error(reference_maps.mean(1), encoder(pixels)) < 1e-5  # the pooled vector: the maps' mean
 
 
 def test_auto_picks_per_machine_and_falls_back(monkeypatch):
@@ -95,7 +100,7 @@ def test_tuned_encoder_gets_its_own_export(tmp_path, encoder, pixels):
     tuned_file = onnx_file(tuned, tmp_path)
     assert tuned_file != default_file and tuned_file.read_bytes() != default_file.read_bytes()
     with torch.no_grad():
-        features = load_backend(tuned, "onnx", cache_dir=tmp_path)(pixels)
+        features = load_backend(tuned, "onnx", cache_dir=tmp_path)(pixels)[0]
         assert relative_error(features, tuned(pixels)) <= FEATURE_TOLERANCE["onnx"]
         assert relative_error(features, encoder(pixels)) > 1e-3  # not the default's features
     assert onnx_file(encoder, tmp_path) == default_file  # cached, not exported again
@@ -108,7 +113,7 @@ def test_corrupt_cached_onnx_is_rebuilt(tmp_path, encoder, pixels, caplog):
         encode = load_backend(encoder, "onnx", cache_dir=tmp_path)
     assert "exporting it again" in caplog.text
     with torch.no_grad():
-        assert relative_error(encode(pixels), encoder(pixels)) <= FEATURE_TOLERANCE["onnx"]
+        assert relative_error(encode(pixels)[0], encoder(pixels)) <= FEATURE_TOLERANCE["onnx"]
 
 
 def test_export_command(tmp_path, photo_files, trained_checkpoint, pixels, trained_model):
@@ -118,12 +123,14 @@ def test_export_command(tmp_path, photo_files, trained_checkpoint, pixels, train
         assert result.exit_code == 0, result.output
         assert "wrote" in result.output
     with torch.no_grad():
-        reference = trained_model.encode_images(pixels)
+        reference, reference_maps = trained_model.encode_images(pixels)
     for path, backend in ((fp32, "onnx"), (int8, "onnx-int8")):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == ["pixels"]
-        features = torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0])
+        assert [o.name for o in session.get_outputs()] == ["features", "spatial"]
+        features, maps = map(torch.from_numpy, session.run(None, {"pixels": pixels.numpy()}))
         assert relative_error(features, reference) <= FEATURE_TOLERANCE[backend]
+        assert relative_error(maps, reference_maps) <= FEATURE_TOLERANCE[backend]
     empty = tmp_path / "no-photos"
     empty.mkdir()
     result = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "x.onnx"), "--int8",

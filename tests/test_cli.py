@@ -482,3 +482,38 @@ def test_archive_flags_need_the_local_engine(tmp_path, image_folder):
     for flag in ("--sentence-case", "--write-xmp", "--write-xmp-embedded"):
         result = run("caption", image_folder, flag, "--engine", "ray", "--output", tmp_path / "out")
         assert result.exit_code == 2 and "only with the local engine" in result.output
+
+
+def test_attention_dir_writes_a_figure_per_photo(tmp_path, photo_files, attention_checkpoint, trained_checkpoint):
+    (photo_files / "more").mkdir()
+    Image.open(photo_files / "cat.jpg").save(photo_files / "more" / "cat.jpg")  # the same name in a sub-folder
+    maps, out = tmp_path / "maps", tmp_path / "out.jsonl"
+    result = run("caption", photo_files, "-r", "--weights", attention_checkpoint, "--attention-dir", maps,
+                 "--output", out, "--workers", 0, "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    records = _records(out.read_text())
+    assert len(records) == 5
+    for r in records:
+        png = Path(r["attention_png"])
+        assert png.is_relative_to(maps) and png.name == Path(r["path"]).name + ".attention.png"
+        assert [a["word"] for a in r["attention"]] == r["caption"].split()  # jsonl keeps the maps too
+        with Image.open(png) as figure:  # a tile (and a label) per word, five to a row
+            assert figure.format == "PNG" and figure.height >= 160 * -(-len(r["attention"]) // 5)
+    assert len({r["attention_png"] for r in records}) == 5  # more/cat.jpg did not overwrite cat.jpg's
+    result = CliRunner().invoke(main, ["caption", str(photo_files), "--weights", str(trained_checkpoint),
+                                       "--attention-dir", str(maps), "--workers", "0"])
+    assert result.exit_code == 2 and "no attention maps" in result.output
+
+
+def test_attention_figure_heats_the_attended_cells():
+    from captioner.heatmaps import attention_figure, heat_tile
+
+    photo = Image.new("RGB", (140, 70), (128, 128, 128))
+    weights = [[0.0] * 7 for _ in range(7)]
+    weights[0][6] = 1.0  # all on the top-right cell
+    tile = np.asarray(heat_tile(photo, weights, height=70)).astype(int)
+    top_right, bottom_left = tile[5, -5], tile[-5, 5]
+    assert top_right[0] > 150 and top_right[0] - top_right[2] > 100  # red where the word looked
+    assert abs(bottom_left[0] - bottom_left[2]) < 5  # grey (dimmed) elsewhere
+    figure = attention_figure(photo, [{"word": w, "weights": weights} for w in "a b c d e f".split()], "a b c")
+    assert figure.width == 5 * 320 and figure.height == 20 + 2 * (160 + 20)

@@ -149,7 +149,7 @@ def test_concept_outside_the_vocabulary_is_skipped(tiny_model, tiny_vocab, photo
     model = CaptionModel(tiny_model.config, concepts=ConceptMap(base.labels, words, class_concept))
     model.load_state_dict(tiny_model.state_dict())
     model.eval()
-    features = model.encode_images(preprocess(photos["cat"]).unsqueeze(0)).detach()
+    features = model.encode_images(preprocess(photos["cat"]).unsqueeze(0))[0].detach()
     (result,) = decode_features(model, tiny_vocab, features)
     assert result["objects"][0]["word"] == "lynx"
     plain = decode_features(model, tiny_vocab, features, DecodeOptions(grounding=False))

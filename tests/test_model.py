@@ -7,7 +7,8 @@ from conftest import PHOTO_CAPTIONS, sequence_log_prob, train_decoder
 from conftest import SYNTHETIC_CAPTIONS as CAPTIONS
 
 from captioner.inference import decode_features
-from captioner.model import BANNED_IDS, CaptionDecoder, CaptionModel, ModelConfig, beam_search, greedy_search
+from captioner.model import (BANNED_IDS, CaptionDecoder, CaptionModel, DecoderContext, ModelConfig, beam_search,
+                             greedy_search)
 from captioner.options import DecodeOptions
 from captioner.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
@@ -180,16 +181,20 @@ def test_caption_model_encoder_is_frozen(tiny_model):
 # of every image to the end, nn.LSTM): the two must agree on the shipped weights.
 
 def _reference_step(decoder, tokens, state, context=None):
+    from captioner.model import top_hidden
+
     x = decoder.embed(tokens)
-    if context is not None:
-        x = x + context
+    if context is not None and context.words is not None:
+        x = x + context.words
+    if decoder.config.attention:
+        x = torch.cat([x, decoder.attend(top_hidden(state), context)[0]], dim=1)
     out, state = decoder.rnn(x.unsqueeze(1), state)
     return torch.log_softmax(decoder.out(out.squeeze(1)).float(), dim=-1), state
 
 
 @torch.no_grad()
 def reference_beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_alpha=0.7,
-                          concepts=None, constraints=None, banned=None, repeat_rules=None):
+                          concepts=None, constraints=None, banned=None, repeat_rules=None, spatial=None):
     from captioner.model import _mask_logprobs, _strip, block_repeats, reorder_state
 
     B, K, V = features.size(0), beam_size, decoder.config.vocab_size
@@ -208,7 +213,8 @@ def reference_beam_search(decoder, features, beam_size=3, max_length=20, n_best=
         return x.repeat_interleave(S * K, dim=0)
 
     state = decoder.init_state(per_row(features), per_row(concepts) if concepts is not None else None)
-    context = decoder.context(per_row(concepts)) if concepts is not None else None
+    context = decoder.context(per_row(concepts) if concepts is not None else None,
+                              per_row(spatial) if spatial is not None else None)
     tokens = torch.full((B * S * K,), START_ID, dtype=torch.long)
     scores = torch.full((B, S, K), float("-inf"))
     scores[torch.arange(B), start, 0] = 0.0
@@ -257,7 +263,8 @@ def reference_beam_search(decoder, features, beam_size=3, max_length=20, n_best=
 
 @pytest.fixture(scope="module")
 def shipped():
-    """(shipped Captioner on the torch encoder, features (12, 1280) of real photos): six of
+    """(shipped Captioner on the torch encoder, features (12, 1280) and maps (12, 49, 1280)
+    of real photos): six of
     skimage's photos, whole and cropped, so that the images of a batch end at different steps.
     The tests using it run torch on one thread: the searches' small matrix products gain
     nothing from a second, and on a busy machine each of them would wait for it."""
@@ -275,7 +282,7 @@ def shipped():
         views += [img, img.crop((w // 3, h // 4, w, h))]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield captioner, captioner.encode_images(torch.stack([preprocess(v) for v in views]))
+    yield captioner, *captioner.encode_images(torch.stack([preprocess(v) for v in views]))
     torch.set_num_threads(threads)
 
 
@@ -288,8 +295,9 @@ def _same_hypotheses(got, want):
 
 
 def test_beam_search_matches_the_full_search_on_the_shipped_model(shipped):
-    captioner, features = shipped
+    captioner, features, spatial = shipped
     model, ids = captioner.model, captioner.vocab.stoi
+    spatial = spatial if model.config.attention else None
     concepts = model.decoder_concepts(model.classify_features(features))
     # Constraints: one per image; and a mix of none, one and two (S = 4 states), disjunctive
     # sets among them, most of which the photo would never say unprompted.
@@ -307,7 +315,7 @@ def test_beam_search_matches_the_full_search_on_the_shipped_model(shipped):
             (5, 5, 20, None, {}), (10, 2, 16, one, {}), (2, 2, 3, mixed, {}),  # max_length 3: all run out of room
             (3, 3, 20, None, blocks), (3, 2, 20, mixed, blocks), (2, 2, 4, one, blocks)]:
         kwargs = dict(beam_size=beam_size, n_best=n_best, max_length=max_length, concepts=concepts,
-                      constraints=constraints, **extra)
+                      constraints=constraints, spatial=spatial, **extra)
         got = beam_search(model.decoder, features, **kwargs)
         _same_hypotheses(got, reference_beam_search(model.decoder, features, **kwargs))
         assert all(len(h) == n_best for h in got)
@@ -318,11 +326,11 @@ def test_beam_search_matches_the_full_search_on_the_shipped_model(shipped):
 def test_decode_features_unchanged_on_the_shipped_model(shipped, options, monkeypatch):
     import captioner.inference as inference
 
-    shipped_captioner, features = shipped
+    shipped_captioner, features, spatial = shipped
     model, vocab = shipped_captioner.model, shipped_captioner.vocab
-    results = decode_features(model, vocab, features, options)
+    results = decode_features(model, vocab, features, options, spatial)
     monkeypatch.setattr(inference, "beam_search", reference_beam_search)
-    want = decode_features(model, vocab, features, options)
+    want = decode_features(model, vocab, features, options, spatial)
     for r, w in zip(results, want, strict=True):  # scores are rounded to 4 decimals: allow one step
         assert [r["caption"], r["objects"]] == [w["caption"], w["objects"]]
         assert [a["caption"] for a in r["alternatives"]] == [a["caption"] for a in w["alternatives"]]
@@ -336,10 +344,95 @@ def test_lstm_step_equals_nn_lstm():
         decoder = CaptionDecoder(ModelConfig(vocab_size=30, feature_dim=16, embed_dim=16, hidden_dim=32,
                                              num_layers=layers)).eval()
         state = decoder.init_state(torch.randn(5, 16))
-        tokens, context = torch.randint(4, 30, (5,)), torch.randn(5, 16)
+        tokens, context = torch.randint(4, 30, (5,)), DecoderContext(torch.randn(5, 16), None, None)
         with torch.no_grad():
             logp, (h, c) = decoder.step(tokens, state, context)
             want, (h_want, c_want) = _reference_step(decoder, tokens, state, context)
         assert h.shape == h_want.shape == (layers, 5, 32)
         assert torch.allclose(logp, want, atol=1e-5) and torch.allclose(h, h_want, atol=1e-6)
         assert torch.allclose(c, c_want, atol=1e-6)
+
+
+# ---------------------------------------------------------------- attention
+
+def _attention_decoder(cell="lstm", layers=1, concepts=0):
+    from captioner.model import CaptionDecoder
+
+    torch.manual_seed(0)
+    return CaptionDecoder(ModelConfig(vocab_size=20, feature_dim=16, embed_dim=8, hidden_dim=12, num_layers=layers,
+                                      cell=cell, dropout=0.0, attention=True, attention_dim=6,
+                                      num_concepts=concepts)).eval()
+
+
+@pytest.mark.parametrize("cell,layers", [("lstm", 1), ("lstm", 2), ("gru", 1), ("rnn", 2)])
+def test_attention_weights_sum_to_one_and_steps_equal_teacher_forcing(cell, layers):
+    from captioner.model import top_hidden
+    from captioner.vocab import START_ID
+
+    decoder = _attention_decoder(cell, layers, concepts=5)
+    g = torch.Generator().manual_seed(1)
+    features, spatial, concepts = torch.randn(3, 16, generator=g), torch.randn(3, 49, 16, generator=g), \
+        torch.rand(3, 5, generator=g)
+    tokens = torch.randint(4, 20, (3, 7), generator=g)
+    tokens[:, 0] = START_ID
+    with torch.no_grad():
+        logits, weights = decoder.unroll(features, tokens, concepts, spatial)
+        assert weights.shape == (3, 7, 49) and (weights >= 0).all()
+        assert torch.allclose(weights.sum(-1), torch.ones(3, 7))
+        state, context = decoder.init_state(features, concepts), decoder.context(concepts, spatial)
+        for t in range(7):  # the step the searches take equals teacher forcing, position by position
+            assert torch.allclose(decoder.attend(top_hidden(state), context)[1], weights[:, t], atol=1e-6)
+            logp, state = decoder.step(tokens[:, t], state, context)
+            assert torch.allclose(logp, logits[:, t].log_softmax(-1), atol=1e-5)
+        # The map is read: another map, other words (the same map in another order reads the
+        # same: attention weighs positions by what they show, not where they are).
+        assert not torch.allclose(decoder(features, tokens, concepts, torch.randn(3, 49, 16, generator=g)), logits)
+        assert torch.allclose(decoder(features, tokens, concepts, spatial.flip(1)), logits, atol=1e-5)
+    with pytest.raises(ValueError, match="spatial"):
+        decoder(features, tokens, concepts)
+
+
+def test_beam_search_with_attention_matches_the_full_search(attention_model, photo_features, photo_maps, tiny_vocab):
+    ids = tiny_vocab.stoi
+    one = [[{ids["cat"]}], [{ids["coffee"]}], [{ids["rocket"]}], [{ids["woman"]}]]
+    mixed = [[], [{ids["cat"]}], [{ids["chair"]}, {ids["hot"]}], [{ids["space"], ids["suit"]}]]
+    for extra in ({}, {"constraints": one}, {"constraints": mixed, "n_best": 2}, {"beam_size": 1, "constraints": mixed},
+                  {"beam_size": 5, "n_best": 5, "max_length": 4}):
+        kwargs = {"beam_size": 3, "max_length": 12, "spatial": photo_maps, **extra}
+        got = beam_search(attention_model.decoder, photo_features, **kwargs)
+        _same_hypotheses(got, reference_beam_search(attention_model.decoder, photo_features, **kwargs))
+
+
+def test_decode_features_gives_the_attention_the_search_had_for_each_word(attention_model, tiny_vocab,
+                                                                          photo_features, photo_maps):
+    from captioner.model import top_hidden
+    from captioner.vocab import START_ID
+
+    results = decode_features(attention_model, tiny_vocab, photo_features, DecodeOptions(attention=True),
+                              photo_maps)
+    assert [r["caption"] for r in results] == list(PHOTO_CAPTIONS.values())
+    decoder = attention_model.decoder
+    for b, r in enumerate(results):
+        assert [a["word"] for a in r["attention"]] == r["caption"].split()
+        grids = torch.tensor([a["weights"] for a in r["attention"]])  # (words, 7, 7)
+        assert grids.shape == (len(r["attention"]), 7, 7)
+        assert torch.allclose(grids.sum((1, 2)), torch.ones(len(grids)), atol=1e-3)
+        # Step by step along the caption: the weights at each word are those returned.
+        state, context = decoder.init_state(photo_features[b:b + 1]), decoder.context(None, photo_maps[b:b + 1])
+        token = START_ID
+        for a in r["attention"]:
+            weights = decoder.attend(top_hidden(state), context)[1]
+            assert torch.allclose(weights.view(7, 7), torch.tensor(a["weights"]), atol=1e-4)
+            _, state = decoder.step(torch.tensor([token]), state, context)
+            token = tiny_vocab.stoi[a["word"]]
+    plain = decode_features(attention_model, tiny_vocab, photo_features, DecodeOptions(), photo_maps)
+    assert [p["caption"] for p in plain] == [r["caption"] for r in results] and "attention" not in plain[0]
+
+
+def test_pooled_checkpoints_still_load_and_caption_but_have_no_maps(trained_captioner, attention_captioner, photos):
+    assert not trained_captioner.model.config.attention and attention_captioner.model.config.attention
+    assert trained_captioner.caption(photos["cat"])["caption"] == PHOTO_CAPTIONS["cat"]
+    with pytest.raises(ValueError, match="attention maps need a model with attention"):
+        trained_captioner.caption(photos["cat"], attention=True)
+    result = attention_captioner.caption(photos["rocket"], attention=True)
+    assert result["caption"] == PHOTO_CAPTIONS["rocket"] and len(result["attention"]) == 6

@@ -539,3 +539,26 @@ def test_docs_page_renders_in_chromium_within_its_csp(app, tmp_path):
     finally:
         driver.quit()
         server.shutdown()
+
+
+def test_attention_maps_over_http(attention_captioner, tiny_captioner, photos):
+    client = create_app({"CAPTIONER": attention_captioner}).test_client()
+    assert client.get("/v1/model").get_json()["attention"] is True
+    files = [("cat.jpg", image_bytes(photos["cat"]), None), ("rocket.png", image_bytes(photos["rocket"], "PNG"), None)]
+    for query in ("?attention=true", ""):
+        response = post(client, files, query)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        for r in response.get_json()["results"]:
+            if not query:
+                assert "attention" not in r
+                continue
+            assert [a["word"] for a in r["attention"]] == r["caption"].split()
+            for a in r["attention"]:
+                assert len(a["weights"]) == 7 and all(len(row) == 7 for row in a["weights"])
+                assert abs(sum(map(sum, a["weights"])) - 1) < 2e-3
+    pooled = create_app({"CAPTIONER": tiny_captioner}).test_client()
+    assert pooled.get("/v1/model").get_json()["attention"] is False
+    response = post(pooled, files[:1], "?attention=true")
+    assert_error(response, 400, "invalid_option")
+    assert "attention" in response.get_json()["error"]["message"]
+    assert_error(post(client, files[:1], "?attention=maybe"), 400, "invalid_option")

@@ -206,22 +206,24 @@ def test_text_only_captions_teach_new_words(tmp_path, dataset, feature_cache):
                                "a plate of broccoli on a table", "broccoli and rice on a plate"] * 25) + "\n")
     run = tmp_path / "run"
     train(dataset, run, feature_cache, "--epochs", 6, "--text-data", text, "--lr", 1e-2, "--dropout", 0)
-    captioner = Captioner.from_pretrained(run / "best.safetensors", device="cpu")
+    # The last epoch's model: one validation photo's CIDEr may stay 0 and keep epoch 1 the "best".
+    captioner = Captioner.from_pretrained(run / "last.safetensors", device="cpu")
     model, vocab = captioner.model, captioner.vocab
     assert {"zebra", "zebras", "broccoli", "cat"} <= set(vocab.stoi)
     assert model.config.num_concepts == len(model.concepts) > 0
-    info = read_checkpoint(run / "best.safetensors")[4]
+    info = read_checkpoint(run / "last.safetensors")[4]
     assert info["text_captions"] == 100 and info["train_config"]["text_data"] == [str(text)]
     # The decoder's concept input alone (no photo) steers it to the concept's sentences.
     zebra = torch.zeros(1, len(model.concepts))
     zebra[0, model.concepts.index_of_word["zebra"]] = 0.9
-    (hyps,) = beam_search(model.decoder, torch.zeros(1, model.config.feature_dim), concepts=zebra)
+    no_photo = torch.zeros(1, model.config.feature_dim), torch.zeros(1, 49, model.config.feature_dim)  # as text rows
+    (hyps,) = beam_search(model.decoder, no_photo[0], concepts=zebra, spatial=no_photo[1])
     assert "zebra" in vocab.decode(hyps[0][0]) or "zebras" in vocab.decode(hyps[0][0])
     assert [r["captions"] for r in _rows(run)] == [6 + 100] * 6  # 3 train photos x 2 captions + the text
     # Grounded decoding of a real photo still works end to end.
     result = captioner.caption(dataset.parent / "cat.jpg")
     assert "cat" in result["caption"].split() and result["objects"][0]["word"] == "cat"
-    assert decode_features(model, vocab, torch.zeros(2, model.config.feature_dim))[0]["caption"]
+    assert decode_features(model, vocab, no_photo[0].repeat(2, 1), spatial=no_photo[1].repeat(2, 1, 1))[0]["caption"]
 
 
 def test_text_sample_draws_a_share_of_the_text_each_epoch(tmp_path, dataset, feature_cache):
@@ -413,9 +415,12 @@ def test_text_photos_pair_text_captions_with_photos_of_what_they_name(tmp_path, 
     batches, _ = load_data(config, model, vocab, train_set, val_set, text_captions, cpu, Processes())
     assert [len(c) for c in batches.text_photos.candidates] == [1, 0, 1, 0] and batches.text_photos.paired == 2
     batches.set_epoch(0)
-    ((features, concepts, tokens, _),) = list(batches)
+    ((features, maps, concepts, tokens, _),) = list(batches)
     assert len(tokens) == 6 + 4  # 3 photos x 2 captions and the text
     assert int((features.abs().sum(1) > 0).sum()) == 6 + 2  # the photos' rows and the two paired text rows
+    # An attention model (the default) gets the same rows' maps, whose mean is the pooled feature.
+    assert maps.shape == (10, 49, 1280) and torch.equal(maps.abs().sum((1, 2)) > 0, features.abs().sum(1) > 0)
+    assert torch.allclose(maps.mean(1), features, atol=2e-3)  # the maps are stored as float16
     plain, _ = load_data(config.replace(text_photos=None), model, vocab, train_set, val_set, text_captions, cpu,
                          Processes())
     plain.set_epoch(0)
@@ -448,17 +453,17 @@ def test_every_tensor_the_model_sees_is_on_its_device(tmp_path, dataset, feature
     batches, validation = load_data(config, model, vocab, train_set, val_set, text_captions, meta, Processes())
     step, seen = TrainStep(model), 0
     batches.set_epoch(0)
-    for inputs, concepts, tokens, _ in batches:
-        assert inputs.device == concepts.device == meta
-        inputs, concepts, tokens = batch_to_device(inputs, concepts, tokens, meta)
-        loss = caption_loss(step(inputs, tokens[:, :-1], concepts).float(), tokens[:, 1:])
+    for inputs, spatial, concepts, tokens, _ in batches:
+        assert inputs.device == concepts.device == spatial.device == meta
+        inputs, spatial, concepts, tokens = batch_to_device(inputs, spatial, concepts, tokens, meta)
+        loss = caption_loss(step(inputs, spatial, tokens[:, :-1], concepts).float(), tokens[:, 1:])
         loss.backward()
         seen += len(tokens)
     assert seen == batches.captions == 6 + 2  # 3 photos x 2 captions and the text
     assert all(p.grad.device == meta for p in model.decoder.parameters())
-    features, records = validation.encoded(model, meta)
-    assert features.device == meta and [r.image.name for r in records] == ["astronaut.jpg"]
-    total, count = validation_loss(model, vocab, features, records, config.max_caption_length, 0.1)
+    features, maps, records = validation.encoded(model, meta)
+    assert features.device == maps.device == meta and [r.image.name for r in records] == ["astronaut.jpg"]
+    total, count = validation_loss(model, vocab, features, maps, records, config.max_caption_length, 0.1)
     assert total.device == meta and count == 2
 
 
@@ -519,7 +524,7 @@ def test_sampled_captions_end_once_and_their_log_probs_match_the_decoder(synthet
     decoder, vocab, features = synthetic
     allowed = allowed_words(4, len(vocab), features.device)
     torch.manual_seed(0)
-    samples = sample_captions(decoder, features.repeat_interleave(8, 0), None, allowed)
+    samples = sample_captions(decoder, features.repeat_interleave(8, 0), None, None, allowed)
     assert samples.size(1) <= 5 and (samples[:, 0] != END_ID).all()
     for row in samples.tolist():
         n = row.index(END_ID) + 1  # every sample ends, within max_length + 1 tokens
@@ -533,9 +538,11 @@ def test_sampled_captions_end_once_and_their_log_probs_match_the_decoder(synthet
     assert log_probs.max() > -1
 
 
-def test_scst_steps_raise_the_cider_of_the_greedy_caption(synthetic):
-    """An untrained decoder; a few SCST steps towards each image's reference raise the
-    CIDEr-D of its greedy captions (and of its samples)."""
+@pytest.mark.parametrize("attention", [False, True])
+def test_scst_steps_raise_the_cider_of_the_greedy_caption(synthetic, attention):
+    """An untrained decoder (pooled, or attending over random maps); a few SCST steps
+    towards each image's reference raise the CIDEr-D of its greedy captions (and of its
+    samples)."""
     from types import SimpleNamespace
 
     from captioner.cider import CiderD
@@ -550,22 +557,27 @@ def test_scst_steps_raise_the_cider_of_the_greedy_caption(synthetic):
     cider = CiderD({i: [vocab.encode(c)[1:]] for i, c in enumerate(references)})  # <END> counted, <START> not
     torch.manual_seed(0)
     decoder = CaptionDecoder(ModelConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=32, hidden_dim=64,
-                                         dropout=0.0))
+                                         dropout=0.0, attention=attention, attention_dim=16))
+    spatial = torch.randn(4, 49, 16, generator=torch.Generator().manual_seed(2)) if attention else None
     images = torch.arange(4)
 
     def greedy_reward():
         decoder.eval()
-        captions = [r[0][0] + [END_ID] for r in greedy_search(decoder, features, max_length=8)]
+        captions = [r[0][0] + [END_ID] for r in greedy_search(decoder, features, max_length=8, spatial=spatial)]
         decoder.train()
         return cider.score(images.tolist(), captions).mean()
 
     config = TrainConfig(data="d", out="o", max_caption_length=8, scst_samples=5)
     model = SimpleNamespace(decoder=decoder)
+
+    def step(features, spatial, tokens, concepts):  # TrainStep's signature, on features
+        return decoder(features, tokens, concepts, spatial)
+
     allowed = allowed_words(8, len(vocab), features.device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     before, rewards = greedy_reward(), []
     for _ in range(30):
-        loss, r = scst_batch_loss(model, decoder, features, None, images, cider, config, allowed)
+        loss, r = scst_batch_loss(model, step, features, spatial, None, images, cider, config, allowed)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -630,3 +642,27 @@ def test_a_small_run_from_scratch_far_under_the_shipped_model_is_warned_about(mo
     caplog.clear()
     warn_if_far_under_the_shipped_model(0.45, 60, None, torch.device("cpu"), config, Processes())
     assert not caplog.text
+
+
+def test_a_pooled_model_warm_starts_an_attention_model_that_captions_as_it_did(tmp_path, dataset, trained_checkpoint,
+                                                                              trained_model, photo_features,
+                                                                              photo_maps):
+    """--init-from a pooled checkpoint with --arch attention (the default): the new model
+    starts out giving the old one's next-word probabilities (its context weights start at
+    zero) and learns to read the map from there; --arch pooled keeps the plain decoder."""
+    from captioner.options import TrainConfig
+    from captioner.train import build_model
+    from captioner.train_data import read_training_records
+
+    config = TrainConfig(data=dataset, out=tmp_path / "run", init_from=str(trained_checkpoint), min_word_count=1)
+    train_set, val_set, text_captions = read_training_records(config)
+    model, vocab = build_model(config, train_set, text_captions, None, torch.device("cpu"))
+    assert model.config.attention and not trained_model.config.attention
+    old_words = trained_model.config.vocab_size
+    tokens = torch.tensor([[1, 4, 5, 6, 7], [1, 8, 9, 10, 11], [1, 4, 4, 4, 4], [1, 12, 13, 14, 15]])
+    with torch.no_grad():
+        new = model.decoder.eval()(photo_features, tokens, None, photo_maps)[..., :old_words]
+        old = trained_model.decoder(photo_features, tokens)
+    assert torch.allclose(new, old, atol=1e-5)
+    pooled, _ = build_model(config.replace(arch="pooled"), train_set, text_captions, None, torch.device("cpu"))
+    assert not pooled.config.attention
