@@ -385,9 +385,13 @@ def beam_search(decoder, features, beam_size=3, max_length=20, n_best=1, length_
     final_scores = torch.empty(B, S, K, device=device)
     final_lengths = torch.empty(B, S, K, device=device)
     final_history = [None] * B
+    rows_context, rows_of = None, None  # the context of each live row, remade only when the rows change
     for t in range(max_length + 1):
         A = image.size(0)
-        logp, state = decoder.step(tokens, state, context.rows(image[live // SK]) if context is not None else None)
+        if context is not None and (rows_of is None or not torch.equal(rows_of, image[live // SK])):
+            rows_of = image[live // SK]
+            rows_context = context.rows(rows_of)  # (n, P, ...): a copy of the maps' projections per row
+        logp, state = decoder.step(tokens, state, rows_context)
         logp = _mask_logprobs(logp, t, max_length)  # (n, V)
         if banned is not None:
             logp += banned[image[live // SK]]
