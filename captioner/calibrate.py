@@ -42,18 +42,19 @@ def calibrate_checkpoint(checkpoint, config, device=DEFAULT_DEVICE, workers=None
     if not train or not dev:
         raise ValueError(f"{config.data}: calibrate needs a train and a validation split")
 
-    def features_of(paths, spatial=False):
-        """-> (the readable photos' features, with `spatial` their maps, on `device`; ok per path)."""
+    def features_of(paths):
+        """-> (the readable photos' features and, for an attention model, maps (else None), on
+        `device`; ok per path). An attention model's photos are read from the store's entries
+        with maps, which hold the pooled feature too: one encoding serves both."""
+        spatial = model.config.attention
         found = compute_features(model, paths, device, config.cache_dir or DEFAULT_CACHE_DIR, num_workers=workers,
                                  backend=backend, spatial=spatial)
         ok = torch.tensor(found[-1], dtype=torch.bool)
-        return (*(t[ok].to(device) for t in found[:-1]), found[-1])
+        maps = found[1][ok].to(device) if spatial else None
+        return found[0][ok].to(device), maps, found[-1]
 
     report = {"person_head": fit_person_head(model, train, no_people_photos(config.no_people), features_of)}
-    if model.config.attention:
-        dev_features, dev_maps, ok = features_of([r.image for r in dev], spatial=True)
-    else:
-        (dev_features, ok), dev_maps = features_of([r.image for r in dev]), None
+    dev_features, dev_maps, ok = features_of([r.image for r in dev])
     dev = [r for r, good in zip(dev, ok, strict=True) if good]
     report["confidence"] = fit_confidence(model, vocab, dev, dev_features, config, dev_maps)
     info = {**info, "calibrated_on": {"data": str(config.data), "no_people": config.no_people,
@@ -76,12 +77,12 @@ def no_people_photos(source):
 
 def fit_person_head(model, train, no_people, features_of):
     """Fit model.person_head; -> what it was fitted on and its fit AUROC."""
-    feats, ok = features_of([r.image for r in train])
+    feats, _, ok = features_of([r.image for r in train])
     people = torch.tensor([sum("person" in mentioned_objects(c) for c in r.captions) / max(1, len(r.captions))
                            for r, good in zip(train, ok, strict=True) if good])
     x, y = [feats], [people]
     if no_people:
-        empty, _ = features_of(no_people)
+        empty, _, _ = features_of(no_people)
         x.append(empty)
         y.append(torch.zeros(len(empty)))
     x, y = torch.cat(x).cpu(), torch.cat(y)

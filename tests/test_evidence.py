@@ -141,11 +141,13 @@ def test_fit_logistic_auroc_and_reliability():
     assert rows == [(0.0, 0.5, 2, pytest.approx(0.125), 0.5), (0.5, 1.0, 2, pytest.approx(0.925), 1.0)]
 
 
-def test_calibrate_fits_a_person_head_and_a_confidence(tmp_path, trained_checkpoint, photos, feature_cache):
+@pytest.mark.parametrize("checkpoint", ["trained_checkpoint", "attention_checkpoint"])
+def test_calibrate_fits_a_person_head_and_a_confidence(tmp_path, checkpoint, photos, feature_cache, request):
     from click.testing import CliRunner
 
     from captioner.cli import main
 
+    checkpoint = request.getfixturevalue(checkpoint)  # a pooled model, and one that attends over the maps
     captions = {"cat": "a cat sits on the floor", "rocket": "a rocket on the launch pad",
                 "coffee": "a cup of coffee", "astronaut": "a woman in a space suit"}
     rows = ["image,caption,split"]
@@ -156,7 +158,7 @@ def test_calibrate_fits_a_person_head_and_a_confidence(tmp_path, trained_checkpo
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "nobody.txt").write_text("coffee.jpg\nrocket.jpg\n")  # relative to the list's folder
     out = tmp_path / "calibrated.safetensors"
-    result = CliRunner().invoke(main, ["calibrate", "--weights", str(trained_checkpoint), "--data",
+    result = CliRunner().invoke(main, ["calibrate", "--weights", str(checkpoint), "--data",
                                        str(tmp_path / "data.csv"), "--no-people", str(tmp_path / "nobody.txt"),
                                        "--out", str(out), "--cache-dir", str(feature_cache), "--workers", "0"])
     assert result.exit_code == 0, result.output
@@ -164,6 +166,7 @@ def test_calibrate_fits_a_person_head_and_a_confidence(tmp_path, trained_checkpo
     assert "confidence: 2 captions" in result.output
     model, _, info = load_model(out)
     assert model.person_head is not None and model.calibration is not None
+    assert model.config.attention == (checkpoint.name == "attention.safetensors")
     assert "validation split" in info["calibration"]["fitted_on"]
     records = CliRunner().invoke(main, ["caption", str(tmp_path / "cat.jpg"), "--weights", str(out)]).stdout
     assert 0.0 <= json.loads(records)["confidence"] <= 1.0
