@@ -195,7 +195,7 @@ def test_shipped_weights_load_and_caption(photos):
     captioner = Captioner.from_pretrained(device="cpu")  # weights/model.safetensors
     result = captioner.caption(photos["astronaut"])
     assert result["caption"].strip() and len(result["caption"].split()) <= 20
-    assert captioner.name == "show-and-tell-honest-lite0"
+    assert captioner.name == "show-attend-tell-lite0"
     # Open-world captions: the cat is a cat and the espresso is coffee, by default.
     cat, coffee = captioner.caption([photos["cat"], photos["coffee"]])
     assert "cat" in cat["caption"].split() and cat["objects"][0]["word"] == "cat"
