@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torchvision.transforms.v2 as T
 
 from .encoder import IMAGE_SIZE
 from .images import find_images, load_image, preprocess
@@ -100,6 +99,8 @@ def calibration_batches(paths):
     """One batch of encoder input per photo: the photo whole and as a few crops and flips, so
     that a handful of photos still spans realistic activations. Seeded: the same photos give
     the same batches, and so the same int8 file, every time."""
+    import torchvision.transforms.v2 as T  # here: importing torchvision costs seconds (images.preprocess)
+
     crop = T.Compose([T.RandomResizedCrop(IMAGE_SIZE, scale=(0.4, 1.0), antialias=True),
                       T.RandomHorizontalFlip()])
     views = [preprocess] + [T.Compose([crop, preprocess])] * 3

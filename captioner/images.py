@@ -5,6 +5,7 @@ way in handles the same odd files the same way; `preprocess` is the one transfor
 for inference and feature caching. `load_input` adds http(s) URLs for the CLI and the
 library (never the server, which must not fetch for strangers).
 """
+import functools
 import io
 import os
 import urllib.error
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .encoder import IMAGE_SIZE, MEAN, STD
@@ -178,24 +178,42 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-# The Flickr8k photos we train on are stored squashed to 224x224, so inference squashes
-# too (no crop): the encoder sees every photo the way it saw the training photos.
-preprocess = T.Compose([
-    T.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True),
-    T.PILToTensor(),
-    T.ToDtype(torch.float32, scale=True),
-    T.Normalize(MEAN, STD),
-])
+_MEAN = torch.tensor(MEAN).view(3, 1, 1)
+_STD = torch.tensor(STD).view(3, 1, 1)
 
-# Train-time augmentation, used only when the encoder is fine-tuned.
-train_transform = T.Compose([
-    T.RandomResizedCrop(IMAGE_SIZE, scale=(0.75, 1.0), ratio=(0.8, 1.25), antialias=True),
-    T.RandomHorizontalFlip(),
-    T.ColorJitter(0.2, 0.2, 0.2),
-    T.PILToTensor(),
-    T.ToDtype(torch.float32, scale=True),
-    T.Normalize(MEAN, STD),
-])
+
+def preprocess(img):
+    """An RGB PIL image -> (3, 224, 224) float32 pixels as the encoder takes them. The Flickr8k
+    photos we train on are stored squashed to 224x224, so inference squashes too (no crop):
+    the encoder sees every photo the way it saw the training photos.
+
+    The same values, bit for bit, as torchvision's Resize((224, 224)) (PIL's bilinear for a
+    PIL image), PILToTensor, ToDtype(float32, scale=True) and Normalize(MEAN, STD), written
+    out because importing torchvision imports torch._dynamo: seconds that a one-photo
+    `captioner caption` would spend on nothing else (tests/test_images.py compares the two)."""
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):  # PIL's resize to the same size is a copy
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return pixels.to(torch.float32).mul_(1.0 / 255).sub_(_MEAN).div_(_STD)
+
+
+def train_transform(img):
+    """Train-time augmentation (only when the encoder is fine-tuned), then as preprocess."""
+    return _train_augmentation()(img)
+
+
+@functools.cache
+def _train_augmentation():
+    import torchvision.transforms.v2 as T  # here, not at the top: see preprocess
+
+    return T.Compose([
+        T.RandomResizedCrop(IMAGE_SIZE, scale=(0.75, 1.0), ratio=(0.8, 1.25), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.2, 0.2, 0.2),
+        T.PILToTensor(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(MEAN, STD),
+    ])
 
 
 def find_images(paths, recursive=False):

@@ -345,3 +345,25 @@ def test_library_captions_a_url(tiny_captioner, photos):
         assert [r["caption"] for r in tiny_captioner.caption([f"{base}/cat.jpg", photo])] == [from_url["caption"]] * 2
         with pytest.raises(ImageError, match="HTTP 404"):
             tiny_captioner.caption(f"{base}/missing.jpg")
+
+
+def test_preprocess_equals_torchvision_bit_for_bit(photos):
+    """preprocess is written without torchvision (whose import costs a one-photo run seconds)
+    and gives exactly what torchvision's transforms give, so features and captions are unchanged."""
+    import subprocess
+    import sys
+
+    import torchvision.transforms.v2 as T
+
+    from captioner.encoder import IMAGE_SIZE, MEAN, STD
+
+    reference = T.Compose([T.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True), T.PILToTensor(),
+                           T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+    for img in [*photos.values(), photos["cat"].resize((224, 224)), photos["coffee"].resize((100, 300)),
+                Image.new("RGB", (1, 1), (255, 0, 7))]:
+        got = preprocess(img)
+        assert got.dtype == torch.float32 and got.shape == (3, 224, 224)
+        assert torch.equal(got, reference(img))
+    imported = subprocess.run([sys.executable, "-c", "import sys, captioner.cli, captioner.inference, server.app; "
+                               "print('torchvision' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
