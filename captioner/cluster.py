@@ -107,16 +107,6 @@ def read_shards(output, fmt):
     return records
 
 
-def _split_preprocess():
-    """`preprocess` in two halves: resizing to 224x224 uint8 (in the reading task, so that a
-    quarter of the bytes cross the object store) and scaling to float (in the actor)."""
-    import torchvision.transforms.v2 as T
-
-    from .images import preprocess
-
-    return T.Compose(preprocess.transforms[:2]), T.Compose(preprocess.transforms[2:])
-
-
 def drop_duplicates(output, fmt):
     """Keep one record per path in an output folder, rewriting the shards that repeat one;
     -> the records kept.
@@ -160,9 +150,8 @@ def read_and_preprocess(batch):
     import pyarrow.fs as pafs
 
     from .encoder import IMAGE_SIZE
-    from .images import ImageError, load_image
+    from .images import ImageError, encoder_pixels, load_image
 
-    resize, _ = _split_preprocess()
     pixels = np.zeros((len(batch["path"]), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     errors = []
     for i, source in enumerate(batch["source"]):
@@ -173,7 +162,8 @@ def read_and_preprocess(batch):
                     data = f.read()
             else:
                 data = source  # load_image reads local paths itself (and names what is wrong)
-            pixels[i] = resize(load_image(data)).numpy()
+            # 224x224 uint8 here, in the reading task: a quarter of the bytes cross the object store
+            pixels[i] = encoder_pixels(load_image(data)).numpy()
             errors.append("")
         except ImageError as e:
             errors.append(str(e))
@@ -196,14 +186,15 @@ class CaptionActor:
         self.min_confidence = min_confidence
         self.decode = DecodeOptions(**decode)
         self.chunk = chunk  # images per encoder call
-        self.scale = _split_preprocess()[1]
 
     def __call__(self, batch):
         import torch
 
+        from .images import scale_pixels
+
         errors = list(batch["error"])
         good = [i for i, e in enumerate(errors) if not e]
-        pixels = self.scale(torch.from_numpy(batch["pixels"][good]))
+        pixels = scale_pixels(torch.from_numpy(batch["pixels"][good]))  # float, in the actor
         # Chunks, so that the encoder and the beam search overlap as in the CLI (caption_batches).
         chunks = [(good[s:s + self.chunk], pixels[s:s + self.chunk]) for s in range(0, len(good), self.chunk)]
         results = {}

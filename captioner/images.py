@@ -183,17 +183,27 @@ _STD = torch.tensor(STD).view(3, 1, 1)
 
 
 def preprocess(img):
-    """An RGB PIL image -> (3, 224, 224) float32 pixels as the encoder takes them. The Flickr8k
-    photos we train on are stored squashed to 224x224, so inference squashes too (no crop):
-    the encoder sees every photo the way it saw the training photos.
+    """An RGB PIL image -> (3, 224, 224) float32 pixels as the encoder takes them:
+    scale_pixels(encoder_pixels(img)).
 
     The same values, bit for bit, as torchvision's Resize((224, 224)) (PIL's bilinear for a
     PIL image), PILToTensor, ToDtype(float32, scale=True) and Normalize(MEAN, STD), written
     out because importing torchvision imports torch._dynamo: seconds that a one-photo
     `captioner caption` would spend on nothing else (tests/test_images.py compares the two)."""
+    return scale_pixels(encoder_pixels(img))
+
+
+def encoder_pixels(img):
+    """An RGB PIL image -> (3, 224, 224) uint8. The Flickr8k photos we train on are stored
+    squashed to 224x224, so inference squashes too (no crop): the encoder sees every photo
+    the way it saw the training photos."""
     if img.size != (IMAGE_SIZE, IMAGE_SIZE):  # PIL's resize to the same size is a copy
         img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def scale_pixels(pixels):
+    """(..., 3, H, W) uint8 -> float32 in [0, 1], normalised by the encoder's MEAN and STD."""
     return pixels.to(torch.float32).mul_(1.0 / 255).sub_(_MEAN).div_(_STD)
 
 
