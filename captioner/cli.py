@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -372,8 +371,12 @@ def _caption_records(captioner, files, decode, batch_size, workers, min_confiden
     n-best candidates (and the attention maps) of jsonl; `archive`: see _finish_record."""
     if decode.attention and not captioner.model.config.attention:
         raise click.UsageError("--attention: this model reads the pooled feature only and has no attention maps")
-    local = [Path(f).resolve().parent for f in files if "://" not in str(f)]
-    root = Path(os.path.commonpath(local)) if local else None  # --attention-dir mirrors the folders below it
+    root = None  # --attention-dir mirrors the folders below the local files' common folder
+    if archive["attention_dir"]:
+        from .feature_store import common_folder
+
+        local = [str(Path(f).resolve()) for f in files if "://" not in str(f)]
+        root = Path(common_folder(local)) if local else None
     for i, result, error in captioner.caption_files(files, decode, batch_size, workers):
         if error is not None:
             yield {"path": str(files[i]), "error": error}
