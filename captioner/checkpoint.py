@@ -8,13 +8,16 @@ signal names and what it was fitted on are in `info.calibration`). Version 2
 added the `concepts` metadata (the ImageNet class -> caption word map the model was trained
 with, `concepts.py`); a version-1 file gets the shipped map.
 """
+import contextlib
 import json
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .concepts import ConceptMap, shipped_concepts
+from .encoder import pretrained_weights_path
 from .evidence import Calibration, PersonHead
 from .machine import atomic_write
 from .model import CaptionModel, ModelConfig
@@ -86,20 +89,41 @@ def read_checkpoint(path):
     return config, vocab, concepts, tensors, info
 
 
-def load_model(path, pretrained_encoder=True):
+@contextlib.contextmanager
+def skip_init():
+    """Modules built inside keep their weights as allocated (torch.nn.init's functions do
+    nothing), for weights that are loaded next anyway."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def load_model(path):
     """-> (CaptionModel in eval mode, Vocabulary, info). Raises CheckpointError."""
     config, vocab, concepts, tensors, info = read_checkpoint(path)
-    has_encoder = any(k.startswith("encoder.") for k in tensors)
+    encoder_state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    has_encoder = bool(encoder_state)
     try:
-        model = CaptionModel(config, pretrained_encoder=pretrained_encoder and not has_encoder, concepts=concepts)
+        # Built with uninitialised weights (skip_init), then given every weight from the checkpoint
+        # and the encoder's package (load_state_dict is strict): drawing random initial
+        # weights that would be overwritten costs a one-photo caption a tenth of its start.
+        with skip_init():
+            model = CaptionModel(config, pretrained_encoder=False, concepts=concepts)
+        if not has_encoder:
+            encoder_state = torch.load(pretrained_weights_path(config.encoder), map_location="cpu",
+                                       weights_only=True)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     decoder_state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
     try:
         model.decoder.load_state_dict(decoder_state)
-        if has_encoder:
-            model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items()
-                                           if k.startswith("encoder.")})
+        model.encoder.load_state_dict(encoder_state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model config: {e}") from None
     model.encoder_tuned = has_encoder

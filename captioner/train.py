@@ -54,6 +54,7 @@ from .concepts import shipped_concepts
 from .inference import DEFAULT_WEIGHTS, decode_features, resolve_device
 from .metrics import score_captions
 from .model import BANNED_IDS, CaptionModel, ModelConfig
+from .options import DEFAULT_ENCODER
 from .train_data import load_data, read_training_records, tokenize_captions
 from .vocab import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, Vocabulary
 
@@ -141,12 +142,17 @@ def build_model(config, train_set, text_captions, state, device):
     if state:
         concept_map, model_config = state.concepts, state.model_config
     elif init:  # the starting model's architecture, with or without attention as --arch says
+        if config.encoder not in (None, init[0].encoder):
+            raise ValueError(f"--encoder {config.encoder}: {source} reads {init[0].encoder} features, and a warm "
+                             f"start keeps its encoder; train a new model (no --init-from, and --from-scratch on a "
+                             f"small data set) for another one")
         concept_map = init[2]
         model_config = dataclasses.replace(init[0], vocab_size=len(vocab), attention=config.arch == "attention")
     else:
         concept_map = shipped_concepts()
         model_config = ModelConfig(vocab_size=len(vocab), embed_dim=config.embed_dim, hidden_dim=config.hidden_dim,
                                    num_layers=config.num_layers, cell=config.cell, dropout=config.dropout,
+                                   encoder=config.encoder or DEFAULT_ENCODER,
                                    num_concepts=len(concept_map) if config.concepts else 0,
                                    attention=config.arch == "attention")
     model = CaptionModel(model_config, concepts=concept_map).to(device)
@@ -523,7 +529,8 @@ def starting_point(config, train_photos, state):
     if state:
         return config
     changes = {}
-    if config.init_from is None and not config.from_scratch and train_photos < SMALL_DATA_PHOTOS:
+    if config.init_from is None and not config.from_scratch and train_photos < SMALL_DATA_PHOTOS \
+            and config.encoder in (None, DEFAULT_ENCODER):  # the shipped model's encoder
         changes["init_from"] = "default"
         log.info("%d training photos: starting from the shipped model (--init-from default); --from-scratch trains "
                  "a new model instead", train_photos)

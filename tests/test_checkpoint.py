@@ -203,3 +203,19 @@ def test_shipped_weights_load_and_caption(photos):
     # Honest captions: nobody and no dog in the coffee; every caption says how sure it is.
     assert not set(coffee["caption"].split()) & {*PERSON_WORDS, "dog", "dogs", "puppy"}, coffee["caption"]
     assert all(0.0 <= r["confidence"] <= 1.0 for r in (result, cat, coffee))
+
+
+def test_loading_skips_random_initialisation_and_restores_it(tmp_path, tiny_model, tiny_vocab, monkeypatch):
+    from captioner import checkpoint
+
+    drawn = []
+    real = torch.nn.init.uniform_
+    monkeypatch.setattr(torch.nn.init, "uniform_", lambda t, *a, **k: drawn.append(t.shape) or real(t, *a, **k))
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model, tiny_vocab)
+    model, _, _ = checkpoint.load_model(path)
+    assert drawn == []  # nothing drawn to be overwritten ...
+    for name, t in tiny_model.state_dict().items():  # ... and every weight is the checkpoint's or the package's
+        assert torch.equal(model.state_dict()[name], t), name
+    torch.nn.Linear(2, 2)
+    assert drawn  # torch.nn.init works again afterwards

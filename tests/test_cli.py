@@ -388,6 +388,48 @@ def test_encoder_batches_are_bounded(trained_captioner, photos, monkeypatch):
     assert seen == [2, 2, 2, 2] and [r["caption"] for r in results[:4]] == list(PHOTO_CAPTIONS.values())
 
 
+def test_the_last_batch_is_beam_searched_in_halves_with_the_same_captions(attention_captioner, photos,
+                                                                         monkeypatch):
+    import threading
+
+    import torch
+
+    from captioner.images import preprocess
+
+    pixels = torch.stack([preprocess(img) for img in photos.values()] * 2)  # 8 images
+    batches = [("a", pixels[:3]), ("none", None), ("b", pixels[3:])]
+    alone = [r for _, p in batches if p is not None for r in attention_captioner.caption_pixels(p)]
+    searched = []  # (thread, images) of every beam search
+    real = attention_captioner._decode
+
+    def spy(features, spatial, options):
+        searched.append((threading.get_ident(), len(features)))
+        return real(features, spatial, options)
+    monkeypatch.setattr(attention_captioner, "_decode", spy)
+    out = list(attention_captioner.caption_batches(batches, count=3))
+    assert [k for k, _ in out] == ["a", "none", "b"] and out[1][1] is None
+    assert out[0][1] + out[2][1] == alone  # the same results, in order
+    assert [n for _, n in searched] == [3, 3, 2]  # the last batch of 5 in two parts ...
+    assert searched[1][0] != searched[2][0]  # ... searched by two threads
+    searched.clear()
+    list(attention_captioner.caption_batches(batches))  # count unknown: whole batches
+    assert [n for _, n in searched] == [3, 5]
+
+
+def test_image_decoding_workers_run_at_a_lower_priority(image_folder):
+    import torch
+
+    from captioner.images import WORKER_NICENESS, ImageFiles, image_loader
+
+    class Priority(ImageFiles):
+        def __getitem__(self, i):
+            return i, torch.tensor([os.getpriority(os.PRIO_PROCESS, 0)]), None
+
+    loader = image_loader([image_folder / "cat.jpg"] * 2, batch_size=1, num_workers=1)
+    loader.dataset.__class__ = Priority
+    assert [int(p) for _, p, _ in loader] == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICENESS)] * 2
+
+
 def test_confidence_in_every_format_and_min_confidence(tmp_path, image_folder, calibrated_checkpoint,
                                                        trained_checkpoint):
     files = [str(image_folder / "cat.jpg"), str(image_folder / "coffee.JPG")]

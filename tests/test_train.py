@@ -145,6 +145,15 @@ def test_other_cells_and_layers_train(tmp_path, dataset, feature_cache, extra):
     assert captioner.caption(dataset.parent / "rocket.jpg", beam_size=2)["caption"]
 
 
+def test_a_new_model_trains_with_the_lite2_encoder(tmp_path, dataset, feature_cache):
+    run = tmp_path / "run"
+    train(dataset, run, feature_cache, "--epochs", 1, "--encoder", "efficientnet-lite2", "--backend", "torch")
+    assert read_checkpoint(run / "best.safetensors")[0].encoder == "efficientnet-lite2"
+    captioner = Captioner.from_pretrained(run / "best.safetensors", device="cpu", backend="torch")
+    assert len(captioner.model.encoder._blocks) == 21  # Lite2's, with its packaged weights
+    assert captioner.caption(dataset.parent / "cat.jpg", beam_size=2)["caption"]
+
+
 def test_clear_errors(tmp_path, dataset, feature_cache):
     def invoke(*args):
         return CliRunner().invoke(main, ["train", *map(str, args), "--cache-dir", str(feature_cache), "--from-scratch"])
@@ -288,10 +297,14 @@ def test_warm_start_errors(tmp_path, dataset, feature_cache, tiny_model, tiny_vo
         save_checkpoint(tuned, tiny_model, tiny_vocab)
     finally:
         tiny_model.encoder_tuned = False
-    for source, message in ((tuned, "needs --fine-tune-encoder"), (tmp_path / "missing.safetensors", "not found")):
+    plain = tmp_path / "plain.safetensors"
+    save_checkpoint(plain, tiny_model, tiny_vocab)
+    for source, extra, message in ((tuned, [], "needs --fine-tune-encoder"),
+                                   (tmp_path / "missing.safetensors", [], "not found"),
+                                   (plain, ["--encoder", "efficientnet-lite2"], "a warm start keeps its encoder")):
         result = CliRunner().invoke(main, [str(a) for a in [
             "train", "--data", dataset, "--out", tmp_path / source.stem, "--cache-dir", feature_cache,
-            "--init-from", source, "--epochs", 1, "--workers", 0]])
+            "--init-from", source, "--epochs", 1, "--workers", 0, *extra]])
         assert result.exit_code == 1 and message in result.output, result.output
 
 
