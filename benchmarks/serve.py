@@ -1,7 +1,8 @@
 """Serving throughput: `captioner serve` on loopback under N concurrent clients, against
 the CLI's batch pipeline on the same images in the same run.
 
-Prints served images/s, p50/p95 request latency, served/CLI images/s and the count of 5xx answers. Each request
+Prints served images/s, p50/p95 request latency, served/CLI images/s, the count of 5xx answers and
+the mean micro-batch (images per model call, from /metrics). Each request
 carries one photo (1600x1200 JPEG made from the bundled examples), beam size 3. Also the server's ready
 time: from starting `captioner serve` to its first 200 on /readyz (the workers have loaded the model and
 captioned a warm-up image); `--ready-root` times that for other checkouts of the project too (a `git
@@ -35,6 +36,16 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def mean_batch(metrics):
+    """Mean images per model call, from the server's captioner_batch_images histogram."""
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith(("captioner_batch_images_sum", "captioner_batch_images_count")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["captioner_batch_images_sum"] / max(1.0, values["captioner_batch_images_count"])
 
 
 def post(url, data):
@@ -110,6 +121,7 @@ def main():
                                         range(args.requests)))
             served = args.requests / (time.perf_counter() - t0)
             backend = json.loads(urllib.request.urlopen(base + "/readyz").read())["backend"]
+            batch = mean_batch(urllib.request.urlopen(base + "/metrics").read().decode())
             latencies = [t for t, _ in answers]
             server_errors = sum(status >= 500 for _, status in answers)
         finally:
@@ -132,6 +144,7 @@ def main():
     print(f"CLI batch       : {cli:7.1f} images/s ({args.requests} images, batch 32)")
     print(f"served / CLI    : {served / cli:7.2f}")
     print(f"5xx answers     : {server_errors}")
+    print(f"images per call : {batch:7.1f} (mean micro-batch, warm-up included)")
     print(f"ready after     : {ready:7.2f} s (captioner serve)")
     if args.ready_root:
         here = Path(__file__).resolve().parent.parent
