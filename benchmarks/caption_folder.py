@@ -21,11 +21,14 @@ reading + preprocessing the JPEGs (`load_image`, `preprocess`), the encoder on p
 tensors, and the beam search (decode_features) on precomputed features, grounded and not,
 each on one thread and with the pipeline's threads. The cores can do no more than
 cores / (read + encoder + beam search) CPU-seconds per image: that bounds the pipeline, and
-divided by the encoder-only rate, the pipeline / encoder-only ratio.
+divided by the encoder-only rate, the pipeline / encoder-only ratio. `--timeline` times every
+encoder and beam-search call of one more pipeline run per backend: how long the pipeline
+takes to fill (no beam search before the first batch is read and encoded) and to drain (no
+encoder work beside the last beam search), and how busy each stage is in between.
 
     .venv/bin/python benchmarks/caption_folder.py [--images 256] [--batch-size 32] [--beam-size 3]
         [--backends auto torch torch-bf16 onnx onnx-int8] [--naive-images 64] [--weights OTHER ...] [--stages]
-        [--no-grounding] [--without-evidence]
+        [--no-grounding] [--without-evidence] [--timeline]
 """
 import argparse
 import os
@@ -117,6 +120,45 @@ def pipeline(captioner, paths, options, batch_size, workers):
     return len(paths) / (time.perf_counter() - t0)
 
 
+def timeline(captioner, paths, options, batch_size, workers):
+    """One pipeline run with every encoder and beam-search call timed, to show where the
+    cores wait: before the first beam search (the first batch is read and encoded: the fill),
+    after the last encoder call (the last beam search: the drain), and in between. -> text."""
+    calls = []  # (stage, start, end), seconds from the start
+
+    def timed(stage, call):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter() - t0
+            try:
+                return call(*args, **kwargs)
+            finally:
+                calls.append((stage, start, time.perf_counter() - t0))
+        return wrapper
+
+    captioner.encode_images = timed("encoder", captioner.encode_images)  # instance attributes hide the methods
+    captioner._decode = timed("beam search", captioner._decode)
+    try:
+        t0 = time.perf_counter()
+        for _ in captioner.caption_files(paths, options, batch_size=batch_size, num_workers=workers):
+            pass
+        wall = time.perf_counter() - t0
+    finally:
+        del captioner.encode_images, captioner._decode
+    encoder = [(a, b) for stage, a, b in calls if stage == "encoder"]
+    beam = [(a, b) for stage, a, b in calls if stage == "beam search"]
+    first_beam, last_encoder = min(a for a, _ in beam), max(b for _, b in encoder)
+    encoder_busy, beam_busy = sum(b - a for a, b in encoder), sum(b - a for a, b in beam)
+    # The encoder thread's share of the steady part, where both stages have work.
+    steady = sum(min(b, last_encoder) - max(a, first_beam) for a, b in encoder if b > first_beam)
+    return (f"\ntimeline of one {captioner.backend} pipeline run ({len(paths)} images, {wall:.2f} s): "
+            f"first encoder call at {min(a for a, _ in encoder):.2f} s (reading the first batch), "
+            f"first beam search at {first_beam:.2f} s (fill), last encoder call done at {last_encoder:.2f} s, "
+            f"drain {wall - last_encoder:.2f} s\n"
+            f"  encoder thread busy {encoder_busy:.2f} s = {encoder_busy / wall:.2f} of the run; beam-search "
+            f"threads busy {beam_busy:.2f} s = {beam_busy / wall:.2f}; between the fill and the drain the "
+            f"encoder thread is busy {steady / (last_encoder - first_beam):.2f} of the time")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -129,6 +171,8 @@ def main():
     parser.add_argument("--without-evidence", action="store_true",
                         help="also time pipelines with repeat blocks, negative evidence and the person detector off")
     parser.add_argument("--weights", nargs="*", default=[], help="other checkpoints to time too (auto backend)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also time every encoder and beam-search call of one auto pipeline run: fill, drain, busy")
     parser.add_argument("--stages", action="store_true",
                         help="also time each stage alone (CPU per image) and print the bound it implies")
     args = parser.parse_args()
@@ -137,7 +181,7 @@ def main():
     no_evidence = grounded.replace(block_repeats=False, absent_threshold=0.0, person_threshold=0.0)
     print(f"torch threads {torch.get_num_threads()}, cores {available_cores()} (os.cpu_count {os.cpu_count()}), "
           f"{args.images} JPEGs of 1600x1200, beam {args.beam_size}, batch {args.batch_size}")
-    rows, per_stage = [], []
+    rows, per_stage, timelines = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_folder(Path(tmp), args.images)
         pixels = torch.stack([preprocess(load_image(p)) for p in paths])
@@ -159,6 +203,8 @@ def main():
                          pipeline(captioner, paths, no_evidence, args.batch_size, args.workers)
                          if args.without_evidence else None))
             print(f"{name}: encoder only {enc:.1f}, pipeline {rate:.1f} images/s", flush=True)
+            if args.timeline:
+                timelines.append(timeline(captioner, paths, grounded, args.batch_size, args.workers))
             if args.stages:
                 per_stage.append((name, enc, enc_cpu, rate, *stages(backend, paths, pixels, grounded, plain,
                                                                     args.batch_size)))
@@ -182,6 +228,8 @@ def main():
         print(f"{weights} (auto backend, grounded pipeline): {rate:.1f} images/s")
     for name, enc, enc_cpu, rate, found, threads in per_stage:
         print_stages(name, enc, enc_cpu, rate, found, threads, available_cores())
+    for text in timelines:
+        print(text)
 
 
 def print_stages(name, enc, enc_cpu, rate, found, threads, cores):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .export import onnx_file
-from .machine import cpu_has_native_bf16
+from .machine import cpu_has_native_bf16, cpu_has_vnni
 from .options import BACKENDS, DEFAULT_BACKEND
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,19 @@ MIN_CIDER_RATIO = 0.99
 AUTO_ORDER = ("onnx", "torch-bf16", "onnx-int8")  # fastest end to end first (benchmarks/caption_folder.py)
 # How far each backend's features may be from fp32's: the relative error |f - f32| / |f32|
 # of one image's pooled feature (and of its spatial map, whole), set just above what real
-# photos give (tests/test_backends.py checks it on skimage's photos).
+# photos give (tests/test_backends.py checks it on skimage's photos) on a CPU with bf16 and
+# VNNI in hardware.
 FEATURE_TOLERANCE = {"torch": 1e-5, "torch-bf16": 0.1, "onnx": 1e-4, "onnx-int8": 0.3}
+# On a CPU without them: emulated bf16 (maps 0.100 off) and int8 whose products saturate
+# (pooled 0.52, maps 0.68 off on skimage's photos and the examples, an AMD EPYC with AVX2).
+FEATURE_TOLERANCE_WITHOUT_HARDWARE = {"torch-bf16": 0.12, "onnx-int8": 0.75}
+
+
+def feature_tolerance(backend):
+    """FEATURE_TOLERANCE for `backend` on this CPU."""
+    if backend == "torch-bf16" and not cpu_has_native_bf16() or backend == "onnx-int8" and not cpu_has_vnni():
+        return FEATURE_TOLERANCE_WITHOUT_HARDWARE[backend]
+    return FEATURE_TOLERANCE[backend]
 
 
 def onnxruntime_available():
@@ -119,6 +130,9 @@ def load_backend(encoder, backend=DEFAULT_BACKEND, device=torch.device("cpu"), c
     if backend == "auto":
         why = ": this CPU computes bf16 natively" if chosen == "torch-bf16" else ""
         log.info("encoder backend: %s (auto's choice on %s%s)", chosen, device, why)
+    if chosen == "onnx-int8" and not cpu_has_vnni():
+        log.warning("this CPU has no VNNI: ONNX Runtime's int8 products can saturate here, and the int8 "
+                    "encoder's features are further from fp32's than on a CPU with VNNI (docs/backends.md)")
     if chosen == "torch":
         return TorchEncoder(encoder, device)
     if chosen == "torch-bf16":

@@ -45,14 +45,26 @@ def decoding_workers(cores=None):
     return max(1, min(4, (cores or available_cores()) // 2))
 
 
+def _cpu_flags():
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bf16():
     """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch
     emulates it, slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cpu_has_vnni():
+    """True where the CPU has VNNI (AVX512-VNNI or AVX-VNNI). Without it ONNX Runtime's int8
+    kernels (uint8 activations x int8 weights) add pairs of products in 16 bits, which can
+    saturate: int8 features drift further from fp32's (ONNX Runtime's quantisation docs)."""
+    flags = _cpu_flags()
+    return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
 @contextlib.contextmanager

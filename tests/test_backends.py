@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from captioner import backends, machine
-from captioner.backends import FEATURE_TOLERANCE, load_backend
+from captioner.backends import FEATURE_TOLERANCE, feature_tolerance, load_backend
 from captioner.cli import main
 from captioner.encoder import load_encoder
 from captioner.export import onnx_file, weights_hash
@@ -37,13 +37,15 @@ def test_features_match_fp32_within_tolerance(backend, encoder, pixels, onnx_cac
         reference, reference_maps = encoder.forward_maps(pixels)
         encode = load_backend(encoder, backend, cache_dir=onnx_cache)
         features, maps = encode(pixels)
-        # The classifier on these features still sees what fp32 sees (the concepts depend on it).
-        assert torch.equal(encoder._fc(features).argmax(1), encoder._fc(reference).argmax(1))
+        # The classifier on these features still sees what fp32 sees (the concepts depend on
+        # it); int8 on a CPU whose int8 products saturate (no VNNI) may miss one photo of four.
+        agree = (encoder._fc(features).argmax(1) == encoder._fc(reference).argmax(1)).float().mean().item()
+        assert agree == 1.0 or (feature_tolerance(backend) > FEATURE_TOLERANCE[backend] and agree >= 0.75)
     assert encode.name == backend
     assert features.shape == reference.shape == (len(pixels), 1280) and features.dtype == torch.float32
     assert maps.shape == reference_maps.shape == (len(pixels), 49, 1280) and maps.dtype == torch.float32
-    assert relative_error(features, reference) <= FEATURE_TOLERANCE[backend]
-    assert relative_error(maps, reference_maps) <= FEATURE_TOLERANCE[backend]
+    assert relative_error(features, reference) <= feature_tolerance(backend)
+    assert relative_error(maps, reference_maps) <= feature_tolerance(backend)
     assert relative_error(reference_maps.mean(1), encoder(pixels)) < 1e-5  # the pooled vector: the maps' mean
 
 
@@ -129,8 +131,8 @@ def test_export_command(tmp_path, photo_files, trained_checkpoint, pixels, train
         assert [i.name for i in session.get_inputs()] == ["pixels"]
         assert [o.name for o in session.get_outputs()] == ["features", "spatial"]
         features, maps = map(torch.from_numpy, session.run(None, {"pixels": pixels.numpy()}))
-        assert relative_error(features, reference) <= FEATURE_TOLERANCE[backend]
-        assert relative_error(maps, reference_maps) <= FEATURE_TOLERANCE[backend]
+        assert relative_error(features, reference) <= feature_tolerance(backend)
+        assert relative_error(maps, reference_maps) <= feature_tolerance(backend)
     empty = tmp_path / "no-photos"
     empty.mkdir()
     result = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "x.onnx"), "--int8",
@@ -162,3 +164,24 @@ def test_available_cores_reads_the_cgroup_quota(monkeypatch):
     assert machine.available_cores() == 2  # docker --cpus 1.5 on a 16-core host
     assert machine.pipeline_threads("onnx") == 1 and machine.pipeline_threads("torch-bf16") == 2
     assert machine.decoding_workers() == 1 and machine.default_server_workers() == 2
+
+
+def test_tolerance_and_warning_follow_the_cpu_s_int8_and_bf16_hardware(monkeypatch, encoder, onnx_cache, caplog):
+    from captioner import backends
+
+    monkeypatch.setattr(backends, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    assert feature_tolerance("onnx-int8") == FEATURE_TOLERANCE["onnx-int8"]
+    assert feature_tolerance("torch-bf16") == FEATURE_TOLERANCE["torch-bf16"]
+    with caplog.at_level(logging.WARNING):
+        load_backend(encoder, "onnx-int8", cache_dir=onnx_cache)
+    assert "VNNI" not in caplog.text
+
+    monkeypatch.setattr(backends, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    assert feature_tolerance("onnx-int8") > FEATURE_TOLERANCE["onnx-int8"]
+    assert feature_tolerance("torch-bf16") > FEATURE_TOLERANCE["torch-bf16"]
+    assert feature_tolerance("onnx") == FEATURE_TOLERANCE["onnx"]
+    with caplog.at_level(logging.WARNING):
+        load_backend(encoder, "onnx-int8", cache_dir=onnx_cache)
+    assert "this CPU has no VNNI" in caplog.text
