@@ -25,10 +25,12 @@ divided by the encoder-only rate, the pipeline / encoder-only ratio. `--timeline
 encoder and beam-search call of one more pipeline run per backend: how long the pipeline
 takes to fill (no beam search before the first batch is read and encoded) and to drain (no
 encoder work beside the last beam search), and how busy each stage is in between.
+`--beam-batches 1 4 8 32` times the beam search alone on one thread in batches of each size
+(on 64 of the photos): what the small micro-batches of a server cost per image.
 
     .venv/bin/python benchmarks/caption_folder.py [--images 256] [--batch-size 32] [--beam-size 3]
         [--backends auto torch torch-bf16 onnx onnx-int8] [--naive-images 64] [--weights OTHER ...] [--stages]
-        [--no-grounding] [--without-evidence] [--timeline]
+        [--no-grounding] [--without-evidence] [--timeline] [--beam-batches 1 4 8 32]
 """
 import argparse
 import os
@@ -171,6 +173,9 @@ def main():
     parser.add_argument("--without-evidence", action="store_true",
                         help="also time pipelines with repeat blocks, negative evidence and the person detector off")
     parser.add_argument("--weights", nargs="*", default=[], help="other checkpoints to time too (auto backend)")
+    parser.add_argument("--beam-batches", type=int, nargs="*", default=[],
+                        help="also time the grounded beam search alone, one thread, in batches of these sizes "
+                             "(e.g. 1 4 8 32: what a server's small micro-batches cost)")
     parser.add_argument("--timeline", action="store_true",
                         help="also time every encoder and beam-search call of one auto pipeline run: fill, drain, busy")
     parser.add_argument("--stages", action="store_true",
@@ -208,6 +213,13 @@ def main():
             if args.stages:
                 per_stage.append((name, enc, enc_cpu, rate, *stages(backend, paths, pixels, grounded, plain,
                                                                     args.batch_size)))
+        beam_batches = []
+        if args.beam_batches:
+            torch.set_num_threads(1)
+            one_thread = Captioner.from_pretrained(device="cpu", threads=1)
+            encoded = one_thread.encode_images(pixels[:64])
+            beam_batches = [(size, decode_only(one_thread, encoded, grounded, size)[1]) for size in args.beam_batches]
+            torch.set_num_threads(cores)
         others = []
         for weights in args.weights:
             other = file_captioner(weights, device="cpu")
@@ -230,6 +242,9 @@ def main():
         print_stages(name, enc, enc_cpu, rate, found, threads, available_cores())
     for text in timelines:
         print(text)
+    if beam_batches:
+        print("\nbeam search alone, grounded, one thread, CPU ms per image by batch size: "
+              + ", ".join(f"{size}: {ms:.1f}" for size, ms in beam_batches))
 
 
 def print_stages(name, enc, enc_cpu, rate, found, threads, cores):
