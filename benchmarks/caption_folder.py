@@ -128,7 +128,7 @@ def timeline(captioner, paths, options, batch_size, workers):
     after the last encoder call (the last beam search: the drain), and in between. -> text."""
     calls = []  # (stage, start, end), seconds from the start
 
-    def timed(stage, call):
+    def recorded(stage, call):
         def wrapper(*args, **kwargs):
             start = time.perf_counter() - t0
             try:
@@ -137,8 +137,8 @@ def timeline(captioner, paths, options, batch_size, workers):
                 calls.append((stage, start, time.perf_counter() - t0))
         return wrapper
 
-    captioner.encode_images = timed("encoder", captioner.encode_images)  # instance attributes hide the methods
-    captioner._decode = timed("beam search", captioner._decode)
+    captioner.encode_images = recorded("encoder", captioner.encode_images)  # instance attributes hide the methods
+    captioner._decode = recorded("beam search", captioner._decode)
     try:
         t0 = time.perf_counter()
         for _ in captioner.caption_files(paths, options, batch_size=batch_size, num_workers=workers):

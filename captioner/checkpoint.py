@@ -17,7 +17,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .concepts import ConceptMap, shipped_concepts
-from .encoder import pretrained_weights_path
 from .evidence import Calibration, PersonHead
 from .machine import atomic_write
 from .model import CaptionModel, ModelConfig
@@ -111,19 +110,17 @@ def load_model(path):
     has_encoder = bool(encoder_state)
     try:
         # Built with uninitialised weights (skip_init), then given every weight from the checkpoint
-        # and the encoder's package (load_state_dict is strict): drawing random initial
+        # or the encoder's package (load_state_dict is strict): drawing random initial
         # weights that would be overwritten costs a one-photo caption a tenth of its start.
         with skip_init():
-            model = CaptionModel(config, pretrained_encoder=False, concepts=concepts)
-        if not has_encoder:
-            encoder_state = torch.load(pretrained_weights_path(config.encoder), map_location="cpu",
-                                       weights_only=True)
+            model = CaptionModel(config, pretrained_encoder=not has_encoder, concepts=concepts)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     decoder_state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
     try:
         model.decoder.load_state_dict(decoder_state)
-        model.encoder.load_state_dict(encoder_state)
+        if has_encoder:
+            model.encoder.load_state_dict(encoder_state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model config: {e}") from None
     model.encoder_tuned = has_encoder

@@ -25,31 +25,38 @@ MEAN = (127.0 / 255.0,) * 3
 STD = (128.0 / 255.0,) * 3
 BN_EPS = 1e-3
 
-# Per encoder, (repeats, kernel, stride, expand ratio, in channels, out channels), one row
-# per stage. Lite2 is Lite0 made 1.1x wider and 1.2x deeper (stem, head and the first and
-# last stages fixed, as in every Lite model). Both run at 224x224 here, where their last
-# map is 7x7; Lite2 was trained at 260x260 (a 9x9 map), which the decoder's fixed map size
-# does not allow.
-STAGES = {
-    "efficientnet-lite0": [
-        (1, 3, 1, 1, 32, 16),
-        (2, 3, 2, 6, 16, 24),
-        (2, 5, 2, 6, 24, 40),
-        (3, 3, 2, 6, 40, 80),
-        (3, 5, 1, 6, 80, 112),
-        (4, 5, 2, 6, 112, 192),
-        (1, 3, 1, 6, 192, 320),
-    ],
-    "efficientnet-lite2": [
-        (1, 3, 1, 1, 32, 16),
-        (3, 3, 2, 6, 16, 24),
-        (3, 5, 2, 6, 24, 48),
-        (4, 3, 2, 6, 48, 88),
-        (4, 5, 1, 6, 88, 120),
-        (5, 5, 2, 6, 120, 208),
-        (1, 3, 1, 6, 208, 352),
-    ],
-}
+# Lite0's stages: (repeats, kernel, stride, expand ratio, in channels, out channels), one
+# row per stage.
+LITE0_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+# (width, depth) multipliers of Lite0: the other Lite models are Lite0 scaled. Both run at
+# 224x224 here, where their last map is 7x7; Lite2 was trained at 260x260 (a 9x9 map),
+# which the decoder's fixed map size does not allow.
+SCALING = {"efficientnet-lite0": (1.0, 1.0), "efficientnet-lite2": (1.1, 1.2)}
+
+
+def scaled_stages(width, depth):
+    """LITE0_STAGES scaled as EfficientNet scales its models (channels to a multiple of 8,
+    never below 90% of the product; repeats rounded up), keeping, as every Lite model does,
+    the 32-channel stem and one block in the first and the last stage."""
+    def channels(c):
+        rounded = max(8, int(c * width + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * c * width else rounded
+
+    last = len(LITE0_STAGES) - 1
+    return [(repeats if i in (0, last) else math.ceil(repeats * depth), kernel, stride, expand,
+             cin if i == 0 else channels(cin), channels(cout))
+            for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(LITE0_STAGES)]
+
+
+STAGES = {name: scaled_stages(width, depth) for name, (width, depth) in SCALING.items()}
 assert tuple(STAGES) == ENCODERS
 
 

@@ -6,6 +6,7 @@ of one behind.
 Kept free of torch, so that the CLI's --help and gunicorn's master can read it cheaply.
 """
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def decoding_workers(cores=None):
     return max(1, min(4, (cores or available_cores()) // 2))
 
 
+@functools.cache  # the CPU does not change while the process runs
 def _cpu_flags():
     try:
         return Path("/proc/cpuinfo").read_text()
